@@ -1,0 +1,3 @@
+from sdgen.cli import main
+
+main()

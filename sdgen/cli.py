@@ -1,0 +1,250 @@
+"""The command line: parse options into requests, call one function, print paths or one-line errors.
+
+No torch import at module level, so ``sdgen --help`` is instant. The reference scripts' spellings
+(``--ddim_steps``, ``--n_samples``, ``--plms``, ``--H``, ...) are accepted as aliases.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import secrets
+import signal
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import click
+
+from sdgen import __version__
+from sdgen.device import PRECISION_CHOICES
+from sdgen.errors import SdgenError
+from sdgen.request import (
+    DEFAULT_SEED_MODE,
+    DEFAULT_STEPS,
+    MAX_SEED,
+    SEED_MODES,
+    GenerationRequest,
+    LoadRequest,
+    OutputRequest,
+    plan_batches,
+    read_prompt_file,
+    validate,
+)
+from sdgen.samplers import SAMPLER_NAMES
+
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
+
+
+class Terminated(Exception):
+    """SIGTERM, turned into an exception so that the same clean-up as Ctrl-C runs."""
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def error_boundary(verbose: bool, written: list[Path]) -> Iterator[None]:
+    """The one place where exceptions become a message and an exit code."""
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    except SdgenError as e:
+        if verbose:
+            traceback.print_exc()
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(1)
+    except (KeyboardInterrupt, Terminated) as e:
+        code = EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED
+        what = "terminated" if code == EXIT_TERMINATED else "interrupted"
+        click.echo(f"sdgen: {what}; {len(written)} file(s) written before it are complete", err=True)
+        sys.exit(code)
+    except (click.exceptions.Exit, click.ClickException):
+        raise  # click prints usage errors itself (exit 2)
+    except Exception as e:  # a bug or an environment problem: still one line unless --verbose
+        if verbose:
+            traceback.print_exc()
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        click.echo(f"Error: unexpected {type(e).__name__}: {first} (run with --verbose for the traceback)", err=True)
+        sys.exit(1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _options(*decorators: Callable) -> Callable:
+    def apply(f: Callable) -> Callable:
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+
+    return apply
+
+
+model_options = _options(
+    click.option("--ckpt", type=click.Path(path_type=Path), default=None,
+                 help="Checkpoint: .safetensors/.ckpt file (SD 1.x, SD 2.x, x4 upscaler) or diffusers folder. "
+                      "Default: SD 1.5 from the Hugging Face cache (downloaded once)."),
+    click.option("--config", type=click.Path(path_type=Path), default=None,
+                 help="Original LDM inference yaml (v1-inference.yaml, v2-inference-v.yaml, ...). Default: detected "
+                      "from the weights; a NAME.yaml beside NAME.ckpt is used when present."),
+    click.option("--v-prediction/--no-v-prediction", "v_prediction", default=None,
+                 help="SD 2.x: force v-prediction (768 models) or epsilon (512 models). Default: '768' in the "
+                      "file name means v, else epsilon."),
+    click.option("--device", default="auto", show_default=True, metavar="auto|cuda|cuda:N|mps|cpu",
+                 help="Where to run. auto = CUDA, else MPS, else CPU."),
+    click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="auto", show_default=True,
+                 help="auto = fp16 on GPUs, fp32 on the CPU (full = fp32, autocast = auto). Never fp16 on the CPU."),
+    click.option("--bf16", is_flag=True, help="Same as --precision bf16 (reference SD 2 spelling)."),
+)
+
+sampling_options = _options(
+    click.option("--negative-prompt", "--negative_prompt", "negative_prompt", default="", help="What to steer away from."),
+    click.option("--steps", "--ddim_steps", "steps", type=int, default=DEFAULT_STEPS, show_default=True,
+                 help="Denoising steps."),
+    click.option("--sampler", type=click.Choice(SAMPLER_NAMES), default=None,
+                 help="Sampler (default ddim). ddim, plms and dpm reproduce the reference scripts."),
+    click.option("--plms", is_flag=True, help="Same as --sampler plms."),
+    click.option("--dpm", "--dpm_solver", "dpm", is_flag=True, help="Same as --sampler dpm."),
+    click.option("--scale", type=float, default=None,
+                 help="Classifier-free guidance scale. Default 7.5 for SD 1.x, 9.0 for SD 2.x."),
+    click.option("--ddim_eta", "--eta", "eta", type=float, default=0.0, show_default=True,
+                 help="DDIM eta (0 = deterministic)."),
+    click.option("-n", "--n_samples", "--n-samples", "n_samples", type=int, default=1, show_default=True,
+                 help="Images per batch."),
+    click.option("--n_iter", "--n-iter", "n_iter", type=int, default=1, show_default=True,
+                 help="Number of batches (of every prompt)."),
+    click.option("--seed", type=str, default=None,
+                 help=f"Seed 0..{MAX_SEED}. Default: random, printed and stored in each PNG."),
+    click.option("--seed-mode", type=click.Choice(SEED_MODES), default=DEFAULT_SEED_MODE, show_default=True,
+                 help="per-image: image k uses seed+k (CPU noise, reproducible alone anywhere). reference: "
+                      "noise drawn as the reference scripts draw it (same seed, same images)."),
+    click.option("--fixed_code", "--fixed-code", "fixed_code", is_flag=True,
+                 help="Use the same starting noise for every batch."),
+)
+
+output_options = _options(
+    click.option("--skip_grid", "--skip-grid", "skip_grid", is_flag=True, help="Do not save a grid."),
+    click.option("--skip_save", "--skip-save", "skip_save", is_flag=True, help="Do not save single images."),
+    click.option("--n_rows", "--n-rows", "n_rows", type=int, default=0, help="Images per grid row (default n_samples)."),
+    click.option("--no-watermark", "no_watermark", is_flag=True,
+                 help="Do not embed the invisible watermark of the reference scripts."),
+    click.option("-q", "--quiet", is_flag=True, help="No progress bar or notices; only the written paths."),
+    click.option("-v", "--verbose", is_flag=True, help="Show tracebacks for errors."),
+)
+
+
+def _parse_seed(text: str | None) -> int:
+    if text is None:
+        return secrets.randbelow(MAX_SEED + 1)
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not an integer (0..{MAX_SEED})", param_hint="'--seed'") from None
+
+
+def _sampler(sampler: str | None, plms: bool, dpm: bool) -> str:
+    chosen = [name for name, on in (("plms", plms), ("dpm", dpm)) if on]
+    if sampler:
+        chosen.append(sampler)
+    if len(set(chosen)) > 1:
+        raise click.UsageError(f"choose one sampler; got {', '.join(sorted(set(chosen)))}")
+    return chosen[0] if chosen else "ddim"
+
+
+def _prompts(prompt_arg: str | None, prompt_opt: str | None, from_file: Path | None, repeat: int) -> tuple[list[str], bool]:
+    if prompt_arg and prompt_opt and prompt_arg != prompt_opt:
+        raise click.UsageError("give the prompt either as an argument or with --prompt, not both")
+    if from_file is not None:
+        if prompt_arg or prompt_opt:
+            raise click.UsageError("give either a prompt or --from-file, not both")
+        lines = read_prompt_file(from_file)
+        return [p for p in lines for _ in range(repeat)], True
+    prompt = prompt_arg if prompt_arg is not None else prompt_opt
+    if prompt is None:
+        raise click.UsageError("no prompt: give one as an argument, with --prompt, or with --from-file")
+    return [prompt], False
+
+
+def _say(quiet: bool) -> Callable[[str], None]:
+    return (lambda message: None) if quiet else (lambda message: click.echo(message, err=True))
+
+
+def _emit(written: list[Path]) -> Callable[[Path], None]:
+    def emit(path: Path) -> None:
+        written.append(path)
+        click.echo(str(path))
+
+    return emit
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="sdgen")
+def cli() -> None:
+    """Stable Diffusion from a checkpoint file, on CUDA or the CPU, offline.
+
+    \b
+    sdgen txt2img "a hamster painting with a brush" --ckpt v1-5-pruned-emaonly.safetensors
+    sdgen img2img --prompt "a bird on a branch" --init-img sketch.png --ckpt sd-v1-4.ckpt
+    sdgen upscale photo.png --ckpt x4-upscaler-ema.safetensors --prompt "a white cat"
+    """
+
+
+@cli.command()
+@click.argument("prompt_arg", metavar="[PROMPT]", required=False)
+@click.option("--prompt", "prompt_opt", default=None, help="The prompt (same as the argument).")
+@click.option("--from-file", "--from_file", "from_file", type=click.Path(path_type=Path), default=None,
+              help="A text file with one prompt per line, batched n_samples at a time.")
+@click.option("--repeat", type=int, default=1, help="With --from-file: make each line this many times.")
+@click.option("-H", "--H", "--height", "height", type=int, default=None, help="Height in pixels (multiple of 8). Default: the model's size.")
+@click.option("-W", "--W", "--width", "width", type=int, default=None, help="Width in pixels (multiple of 8). Default: the model's size.")
+@click.option("--outdir", type=click.Path(path_type=Path), default=Path("outputs/txt2img-samples"), show_default=True,
+              help="Images go to OUTDIR/samples/NNNNN.png, grids to OUTDIR/grid-NNNN.png.")
+@sampling_options
+@model_options
+@output_options
+def txt2img(prompt_arg, prompt_opt, from_file, repeat, height, width, outdir, negative_prompt, steps, sampler,
+            plms, dpm, scale, eta, n_samples, n_iter, seed, seed_mode, fixed_code, ckpt, config, v_prediction,
+            device, precision, bf16, skip_grid, skip_save, n_rows, no_watermark, quiet, verbose):
+    """Make images from a text prompt."""
+    written: list[Path] = []
+    with error_boundary(verbose, written):
+        if repeat < 1:
+            raise click.BadParameter(f"{repeat} (must be at least 1)", param_hint="'--repeat'")
+        if n_iter < 1:
+            raise click.BadParameter(f"{n_iter} (must be at least 1)", param_hint="'--n_iter'")
+        prompts, is_file = _prompts(prompt_arg, prompt_opt, from_file, repeat)
+        gen = GenerationRequest(
+            batches=plan_batches(prompts, max(n_samples, 1), n_iter, is_file), negative_prompt=negative_prompt,
+            steps=steps, sampler=_sampler(sampler, plms, dpm), scale=scale, eta=eta, height=height, width=width,
+            seed=_parse_seed(seed), seed_mode=seed_mode, fixed_code=fixed_code, n_samples=n_samples,
+        )
+        validate(gen)
+        load_req = LoadRequest(ckpt=ckpt, config=config, v_prediction=v_prediction, device=device,
+                               precision="bf16" if bf16 else precision)
+        out = OutputRequest(outdir=outdir, skip_grid=skip_grid, skip_save=skip_save, watermark=not no_watermark,
+                            n_rows=n_rows, quiet=quiet)
+        _run("txt2img", load_req, gen, out, written)
+
+
+def _run(mode: str, load_req: LoadRequest, gen: GenerationRequest, out: OutputRequest, written: list[Path]) -> None:
+    from sdgen import generate, loader
+    from sdgen.device import validate_device_name
+
+    validate_device_name(load_req.device)
+    say = _say(out.quiet)
+    pipe = loader.load(load_req, say=say)
+    say(f"sdgen: seed {gen.seed} ({gen.seed_mode}), {gen.sampler}, {gen.steps} steps")
+    run = functools.partial(getattr(generate, mode), pipe, gen, out)
+    result = run(say=lambda m: click.echo(m, err=True) if not out.quiet or "too small" not in m else None,
+                 emit=_emit(written))
+    say(f"sdgen: {result.images} image(s), {len(result.paths)} file(s) written")
+
+
+def main() -> None:
+    cli(prog_name="sdgen")
+
+
+if __name__ == "__main__":
+    main()

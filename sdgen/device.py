@@ -1,0 +1,75 @@
+"""Choose the device and dtype once, and say so.
+
+auto: CUDA in fp16, else Apple MPS in fp16, else the CPU in fp32. Half precision is never used on the CPU
+(the reference scripts fail there with "slow_conv2d_cpu not implemented for 'Half'"); bf16 on the CPU is
+allowed when asked for. A device asked for by name that is absent is an error, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sdgen.errors import DeviceError
+
+DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")  # plus cuda:N
+PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16", "full", "autocast")
+PRECISION_ALIASES = {"full": "fp32", "autocast": "auto"}  # the reference scripts' spellings
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: str  # "cuda:0", "mps", "cpu"
+    precision: str  # "fp32", "fp16", "bf16"
+
+    @property
+    def torch_device(self):
+        import torch
+
+        return torch.device(self.device)
+
+    @property
+    def dtype(self):
+        import torch
+
+        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.precision]
+
+    def describe(self) -> str:
+        return f"{self.device}, {self.precision}"
+
+
+def validate_device_name(name: str) -> str:
+    """Syntax only (no torch import): auto, cpu, mps, cuda or cuda:N."""
+    name = name.strip().lower()
+    if name in DEVICE_CHOICES:
+        return name
+    if name.startswith("cuda:") and name[5:].isdigit():
+        return name
+    raise DeviceError(f"--device {name!r}: expected one of auto, cuda, cuda:N, mps, cpu")
+
+
+def choose(device: str = "auto", precision: str = "auto") -> Placement:
+    import torch
+
+    device = validate_device_name(device)
+    precision = PRECISION_ALIASES.get(precision, precision)
+    if precision not in ("auto", "fp32", "fp16", "bf16"):
+        raise DeviceError(f"--precision {precision!r}: expected one of auto, fp32, fp16, bf16 (or full, autocast)")
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {device}: CUDA is not available here (torch {torch.__version__}); "
+                              "use --device cpu")
+        index = int(device[5:]) if ":" in device else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            raise DeviceError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+        device = f"cuda:{index}"
+    elif device == "mps" and not has_mps:
+        raise DeviceError("--device mps: Apple MPS is not available here; use --device cpu")
+    if precision == "auto":
+        precision = "fp32" if device == "cpu" else "fp16"
+    if device == "cpu" and precision == "fp16":
+        raise DeviceError("--precision fp16 is not supported on the CPU (no half-precision convolutions); "
+                          "use fp32 or bf16")
+    return Placement(device=device, precision=precision)

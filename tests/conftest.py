@@ -1,0 +1,108 @@
+"""Shared fixtures: tiny checkpoints built once per session, no network, user dirs moved to tmp."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_checkpoints import write_tiny  # noqa: E402
+
+from sdgen.cli import cli  # noqa: E402
+
+NETWORK_ATTEMPTS: list[str] = []
+
+
+def _refuse(*args, **kwargs):
+    NETWORK_ATTEMPTS.append(repr(args[:2]))
+    raise OSError("network blocked in sdgen's tests")
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch, request):
+    """Any connection or name lookup fails loudly and is recorded; after every test, none may have happened
+    (unless the test is marked tries_network: the default-model download)."""
+    NETWORK_ATTEMPTS.clear()
+    monkeypatch.setattr(socket.socket, "connect", _refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", _refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", _refuse)
+    monkeypatch.setattr(socket, "create_connection", _refuse)
+    yield NETWORK_ATTEMPTS
+    if request.node.get_closest_marker("tries_network") is None:
+        assert NETWORK_ATTEMPTS == [], f"the test tried to reach the network: {NETWORK_ATTEMPTS}"
+
+
+@pytest.fixture(autouse=True)
+def user_dirs(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random-weight checkpoints in the original layout, each with NAME.yaml beside it."""
+    root = tmp_path_factory.mktemp("tiny")
+    paths: dict[str, Path] = {}
+    for family, fmt in (("sd1", "ckpt"), ("sd1", "safetensors"), ("sd2", "safetensors"), ("sd2v", "ckpt")):
+        folder = root / f"{family}-{fmt}"
+        ckpt, cfg = write_tiny(family, folder, fmt)
+        paths[f"{family}.{fmt}"] = ckpt
+        paths[f"{family}.yaml"] = cfg
+    return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_diffusers(tiny, tmp_path_factory) -> Path:
+    """A diffusers folder holding the same tiny SD 1.x model (saved from sdgen's own conversion)."""
+    import json
+
+    from sdgen import loader
+    from sdgen.request import LoadRequest
+
+    pipe = loader.load(LoadRequest(ckpt=tiny["sd1.safetensors"], device="cpu"), say=lambda m: None)
+    folder = tmp_path_factory.mktemp("diffusers") / "tiny-sd1-diffusers"
+    pipe.unet.save_pretrained(folder / "unet")
+    pipe.vae.save_pretrained(folder / "vae")
+    pipe.text_encoder.save_pretrained(folder / "text_encoder")
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({
+        "_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000,
+        "prediction_type": "epsilon"}))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    return folder
+
+
+class Run:
+    def __init__(self, result):
+        self.result = result
+        self.code = result.exit_code
+        self.stdout = result.stdout
+        self.stderr = result.stderr
+
+    @property
+    def paths(self) -> list[Path]:
+        return [Path(line) for line in self.stdout.splitlines() if line.strip()]
+
+    def __repr__(self) -> str:
+        return f"exit {self.code}\nstdout:\n{self.stdout}\nstderr:\n{self.stderr}"
+
+
+@pytest.fixture
+def sdgen():
+    """Run the CLI in-process as a user would type it: sdgen("txt2img", "a cat", "--ckpt", ...)."""
+
+    def run(*args: str | Path) -> Run:
+        return Run(CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False))
+
+    return run
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.array(Image.open(path).convert("RGB"))

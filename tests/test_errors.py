@@ -1,0 +1,172 @@
+"""Errors a user can cause: one line naming the problem and the flag, exit 1 (2 for usage), no traceback,
+no output file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from sdgen.checkpoint_files import read_state_dict
+
+SMALL = ("-H", "64", "-W", "64", "--steps", "2")
+
+
+def assert_one_line_error(run, code: int, *needles: str) -> None:
+    assert run.code == code, run
+    assert "Traceback" not in run.stderr and "Traceback" not in run.stdout
+    errors = [line for line in run.stderr.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1, run.stderr
+    for needle in needles:
+        assert needle in run.stderr, (needle, run.stderr)
+    assert run.stdout == ""
+
+
+def no_outputs(tmp_path) -> bool:
+    return not list(tmp_path.rglob("*.png"))
+
+
+def test_missing_checkpoint(sdgen, tmp_path):
+    run = sdgen("txt2img", "x", "--ckpt", tmp_path / "nope.ckpt", *SMALL)
+    assert_one_line_error(run, 1, "--ckpt", "nope.ckpt", "no such file")
+    assert no_outputs(tmp_path)
+
+
+def test_file_that_is_not_a_checkpoint(sdgen, tmp_path):
+    bad = tmp_path / "notes.ckpt"
+    bad.write_text("hello, I am a text file")
+    assert_one_line_error(sdgen("txt2img", "x", "--ckpt", bad, *SMALL), 1, "notes.ckpt", "not a checkpoint")
+
+
+def test_empty_file(sdgen, tmp_path):
+    bad = tmp_path / "empty.safetensors"
+    bad.write_bytes(b"")
+    assert_one_line_error(sdgen("txt2img", "x", "--ckpt", bad, *SMALL), 1, "empty.safetensors", "empty")
+
+
+def test_folder_that_is_not_a_model(sdgen, tmp_path):
+    (tmp_path / "folder").mkdir()
+    assert_one_line_error(sdgen("txt2img", "x", "--ckpt", tmp_path / "folder", *SMALL), 1, "not a diffusers")
+
+
+def test_checkpoint_of_unknown_family(sdgen, tmp_path):
+    path = tmp_path / "classifier.ckpt"
+    torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}}, path)
+    assert_one_line_error(sdgen("txt2img", "x", "--ckpt", path, *SMALL), 1, "not a Stable Diffusion checkpoint")
+
+
+def test_inpainting_checkpoint_is_named(sdgen, tmp_path):
+    path = tmp_path / "inpaint.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(32, 9, 3, 3),
+               "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(4)}, str(path))
+    assert_one_line_error(sdgen("txt2img", "x", "--ckpt", path, *SMALL), 1, "an inpainting checkpoint")
+
+
+def test_yaml_of_another_family(sdgen, tiny):
+    run = sdgen("txt2img", "x", "--ckpt", tiny["sd2.safetensors"], "--config", tiny["sd1.yaml"], *SMALL)
+    assert_one_line_error(run, 1, "does not match", "FrozenCLIPEmbedder")
+
+
+def test_yaml_of_another_size(sdgen, tiny, tmp_path):
+    config = yaml.safe_load(tiny["sd1.yaml"].read_text())
+    config["model"]["params"]["unet_config"]["params"]["model_channels"] = 64
+    path = tmp_path / "wrong.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run = sdgen("txt2img", "x", "--ckpt", tiny["sd1.safetensors"], "--config", path, *SMALL)
+    assert_one_line_error(run, 1, "UNet weights do not match", "yaml")
+
+
+def test_yaml_that_does_not_parse(sdgen, tiny, tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("model:\n  params: [unclosed\n")
+    run = sdgen("txt2img", "x", "--ckpt", tiny["sd1.safetensors"], "--config", path, *SMALL)
+    assert_one_line_error(run, 1, "--config", "not valid YAML")
+
+
+def test_yaml_that_is_not_an_ldm_config(sdgen, tiny, tmp_path):
+    path = tmp_path / "other.yaml"
+    path.write_text("name: something else\n")
+    run = sdgen("txt2img", "x", "--ckpt", tiny["sd1.safetensors"], "--config", path, *SMALL)
+    assert_one_line_error(run, 1, "not an original LDM inference config")
+
+
+def test_upscaler_given_to_txt2img_is_refused(sdgen, tiny, tmp_path):
+    sd = read_state_dict(tiny["sd2.safetensors"])
+    w = sd["model.diffusion_model.input_blocks.0.0.weight"]
+    sd["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(w.shape[0], 7, 3, 3)
+    path = tmp_path / "x4-upscaler-ema.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(sd, str(path))
+    assert_one_line_error(sdgen("txt2img", "x", "--ckpt", path, *SMALL), 1, "x4 upscaler", "use 'sdgen upscale'")
+
+
+@pytest.mark.parametrize(
+    "args, code, needles",
+    [
+        (("-H", "65"), 1, ["-H/--H 65", "multiple of 8"]),
+        (("-W", "0"), 1, ["-W/--W 0", "multiple of 8"]),
+        (("-W", "-64"), 1, ["-W/--W -64"]),
+        (("-H", "100000"), 1, ["-H/--H 100000", "larger than"]),
+        (("--steps", "0"), 1, ["--steps 0", "between 1"]),
+        (("--steps", "-3"), 1, ["--steps -3"]),
+        (("--steps", "ten"), 2, ["--steps", "ten"]),
+        (("--sampler", "magic"), 2, ["--sampler", "magic"]),
+        (("--scale", "nan"), 1, ["--scale nan"]),
+        (("--n_samples", "0"), 1, ["--n_samples 0"]),
+        (("--seed", "-1"), 1, ["--seed -1", "4294967295"]),
+        (("--seed", "99999999999"), 1, ["--seed 99999999999"]),
+        (("--seed", "abc"), 2, ["--seed", "abc"]),
+        (("--precision", "fp64"), 2, ["--precision", "fp64"]),
+        (("--device", "tpu"), 1, ["--device 'tpu'", "cuda:N"]),
+        (("--precision", "fp16", "--device", "cpu"), 1, ["fp16 is not supported on the CPU"]),
+        (("--ddim_eta", "2"), 1, ["--ddim_eta 2"]),
+        (("--plms", "--dpm"), 2, ["choose one sampler"]),
+    ],
+)
+def test_bad_arguments(sdgen, tiny, tmp_path, args, code, needles):
+    run = sdgen("txt2img", "x", "--ckpt", tiny["sd1.safetensors"], "-H", "64", "-W", "64", "--steps", "2",
+                *args, "--outdir", tmp_path)
+    assert_one_line_error(run, code, *needles)
+    assert no_outputs(tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_for_without_cuda(sdgen, tiny, tmp_path):
+    run = sdgen("txt2img", "x", "--ckpt", tiny["sd1.safetensors"], *SMALL, "--device", "cuda", "--outdir", tmp_path)
+    assert_one_line_error(run, 1, "--device cuda", "not available")
+
+
+def test_no_prompt_is_a_usage_error(sdgen, tiny):
+    run = sdgen("txt2img", "--ckpt", tiny["sd1.safetensors"], *SMALL)
+    assert run.code == 2
+    assert "no prompt" in run.stderr
+
+
+def test_empty_prompt_file(sdgen, tiny, tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n  \n")
+    run = sdgen("txt2img", "--from-file", path, "--ckpt", tiny["sd1.safetensors"], *SMALL)
+    assert_one_line_error(run, 1, "--from-file", "holds no prompts")
+
+
+def test_prompt_file_not_utf8(sdgen, tiny, tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(b"caf\xe9 au lait\n")
+    run = sdgen("txt2img", "--from-file", path, "--ckpt", tiny["sd1.safetensors"], *SMALL)
+    assert_one_line_error(run, 1, "--from-file", "not UTF-8")
+
+
+@pytest.mark.tries_network
+def test_default_model_offline_says_how_to_pass_ckpt(sdgen, tmp_path, no_network):
+    run = sdgen("txt2img", "x", *SMALL, "--outdir", tmp_path)
+    assert_one_line_error(run, 1, "no --ckpt given", "--ckpt PATH")
+    assert no_network  # it did try the hub (and the blocked socket stopped it)
+
+
+def test_verbose_shows_the_traceback(sdgen, tmp_path):
+    run = sdgen("txt2img", "x", "--ckpt", tmp_path / "nope.ckpt", *SMALL, "--verbose")
+    assert run.code == 1
+    assert "Traceback" in run.stderr
