@@ -19,9 +19,10 @@ import click
 
 from sdgen import __version__
 from sdgen.device import PRECISION_CHOICES
-from sdgen.errors import SdgenError
+from sdgen.errors import InputError, SdgenError
 from sdgen.request import (
     DEFAULT_SEED_MODE,
+    DEFAULT_STRENGTH,
     DEFAULT_STEPS,
     MAX_SEED,
     SEED_MODES,
@@ -31,6 +32,7 @@ from sdgen.request import (
     plan_batches,
     read_prompt_file,
     validate,
+    validate_img2img,
 )
 from sdgen.samplers import SAMPLER_NAMES
 
@@ -191,41 +193,155 @@ def cli() -> None:
     """
 
 
+prompt_options = _options(
+    click.argument("prompt_arg", metavar="[PROMPT]", required=False),
+    click.option("--prompt", "prompt_opt", default=None, help="The prompt (same as the argument)."),
+    click.option("--from-file", "--from_file", "from_file", type=click.Path(path_type=Path), default=None,
+                 help="A text file with one prompt per line, batched n_samples at a time."),
+    click.option("--repeat", type=int, default=1, help="With --from-file: make each line this many times."),
+)
+
+
+def _generation(prompt_arg, prompt_opt, from_file, repeat, n_samples, n_iter, negative_prompt, steps, sampler, plms,
+                dpm, scale, eta, height, width, seed, seed_mode, fixed_code, **extras) -> GenerationRequest:
+    if repeat < 1:
+        raise click.BadParameter(f"{repeat} (must be at least 1)", param_hint="'--repeat'")
+    if n_iter < 1:
+        raise click.BadParameter(f"{n_iter} (must be at least 1)", param_hint="'--n_iter'")
+    prompts, is_file = _prompts(prompt_arg, prompt_opt, from_file, repeat)
+    return GenerationRequest(
+        batches=plan_batches(prompts, max(n_samples, 1), n_iter, is_file), negative_prompt=negative_prompt,
+        steps=steps, sampler=_sampler(sampler, plms, dpm), scale=scale, eta=eta, height=height, width=width,
+        seed=_parse_seed(seed), seed_mode=seed_mode, fixed_code=fixed_code, n_samples=n_samples, extras=extras,
+    )
+
+
+def _load_and_output(ckpt, config, v_prediction, device, precision, bf16, outdir, skip_grid, skip_save, n_rows,
+                     no_watermark, quiet) -> tuple[LoadRequest, OutputRequest]:
+    load_req = LoadRequest(ckpt=ckpt, config=config, v_prediction=v_prediction, device=device,
+                           precision="bf16" if bf16 else precision)
+    out = OutputRequest(outdir=outdir, skip_grid=skip_grid, skip_save=skip_save, watermark=not no_watermark,
+                        n_rows=n_rows, quiet=quiet)
+    return load_req, out
+
+
+size_options = _options(
+    click.option("-H", "--H", "--height", "height", type=int, default=None,
+                 help="Height in pixels (multiple of 8)."),
+    click.option("-W", "--W", "--width", "width", type=int, default=None,
+                 help="Width in pixels (multiple of 8)."),
+)
+
+
 @cli.command()
-@click.argument("prompt_arg", metavar="[PROMPT]", required=False)
-@click.option("--prompt", "prompt_opt", default=None, help="The prompt (same as the argument).")
-@click.option("--from-file", "--from_file", "from_file", type=click.Path(path_type=Path), default=None,
-              help="A text file with one prompt per line, batched n_samples at a time.")
-@click.option("--repeat", type=int, default=1, help="With --from-file: make each line this many times.")
-@click.option("-H", "--H", "--height", "height", type=int, default=None, help="Height in pixels (multiple of 8). Default: the model's size.")
-@click.option("-W", "--W", "--width", "width", type=int, default=None, help="Width in pixels (multiple of 8). Default: the model's size.")
+@prompt_options
+@size_options
 @click.option("--outdir", type=click.Path(path_type=Path), default=Path("outputs/txt2img-samples"), show_default=True,
               help="Images go to OUTDIR/samples/NNNNN.png, grids to OUTDIR/grid-NNNN.png.")
 @sampling_options
 @model_options
 @output_options
-def txt2img(prompt_arg, prompt_opt, from_file, repeat, height, width, outdir, negative_prompt, steps, sampler,
-            plms, dpm, scale, eta, n_samples, n_iter, seed, seed_mode, fixed_code, ckpt, config, v_prediction,
-            device, precision, bf16, skip_grid, skip_save, n_rows, no_watermark, quiet, verbose):
-    """Make images from a text prompt."""
+def txt2img(prompt_arg, prompt_opt, from_file, repeat, height, width, outdir, n_samples, n_iter, negative_prompt,
+            steps, sampler, plms, dpm, scale, eta, seed, seed_mode, fixed_code, ckpt, config, v_prediction, device,
+            precision, bf16, skip_grid, skip_save, n_rows, no_watermark, quiet, verbose):
+    """Make images from a text prompt. -H/-W default to the model's size (512, or 768 for SD 2.x-v)."""
     written: list[Path] = []
     with error_boundary(verbose, written):
-        if repeat < 1:
-            raise click.BadParameter(f"{repeat} (must be at least 1)", param_hint="'--repeat'")
-        if n_iter < 1:
-            raise click.BadParameter(f"{n_iter} (must be at least 1)", param_hint="'--n_iter'")
-        prompts, is_file = _prompts(prompt_arg, prompt_opt, from_file, repeat)
-        gen = GenerationRequest(
-            batches=plan_batches(prompts, max(n_samples, 1), n_iter, is_file), negative_prompt=negative_prompt,
-            steps=steps, sampler=_sampler(sampler, plms, dpm), scale=scale, eta=eta, height=height, width=width,
-            seed=_parse_seed(seed), seed_mode=seed_mode, fixed_code=fixed_code, n_samples=n_samples,
-        )
+        gen = _generation(prompt_arg, prompt_opt, from_file, repeat, n_samples, n_iter, negative_prompt, steps,
+                          sampler, plms, dpm, scale, eta, height, width, seed, seed_mode, fixed_code)
         validate(gen)
-        load_req = LoadRequest(ckpt=ckpt, config=config, v_prediction=v_prediction, device=device,
-                               precision="bf16" if bf16 else precision)
-        out = OutputRequest(outdir=outdir, skip_grid=skip_grid, skip_save=skip_save, watermark=not no_watermark,
-                            n_rows=n_rows, quiet=quiet)
+        load_req, out = _load_and_output(ckpt, config, v_prediction, device, precision, bf16, outdir, skip_grid,
+                                         skip_save, n_rows, no_watermark, quiet)
         _run("txt2img", load_req, gen, out, written)
+
+
+@cli.command()
+@prompt_options
+@click.option("--init-img", "--init_img", "init_img", type=click.Path(path_type=Path), required=True,
+              help="The starting image (PNG, JPEG, WebP, ...).")
+@click.option("--strength", type=float, default=DEFAULT_STRENGTH, show_default=True,
+              help="How much to change it: 0 keeps the image (its VAE round trip), 1 ignores it.")
+@size_options
+@click.option("--outdir", type=click.Path(path_type=Path), default=Path("outputs/img2img-samples"), show_default=True,
+              help="Images go to OUTDIR/samples/NNNNN.png, grids to OUTDIR/grid-NNNN.png.")
+@sampling_options
+@model_options
+@output_options
+def img2img(prompt_arg, prompt_opt, from_file, repeat, init_img, strength, height, width, outdir, n_samples, n_iter,
+            negative_prompt, steps, sampler, plms, dpm, scale, eta, seed, seed_mode, fixed_code, ckpt, config,
+            v_prediction, device, precision, bf16, skip_grid, skip_save, n_rows, no_watermark, quiet, verbose):
+    """Turn a sketch or picture into a new one guided by a prompt.
+
+    The output has the init image's size rounded down to a multiple of 8, unless -H/-W resize it first.
+    --scale defaults to 5.0 for SD 1.x and 9.0 for SD 2.x, as the reference img2img.
+    """
+    from sdgen import images
+
+    written: list[Path] = []
+    with error_boundary(verbose, written):
+        gen = _generation(prompt_arg, prompt_opt, from_file, repeat, n_samples, n_iter, negative_prompt, steps,
+                          sampler, plms, dpm, scale, eta, height, width, seed, seed_mode, fixed_code,
+                          strength=strength, init_path=init_img)
+        validate_img2img(gen)
+        image, resized = images.fit_size(images.load_rgb(init_img, "--init-img"), width, height)
+        if resized and not quiet:
+            click.echo(f"sdgen: {resized}", err=True)
+        gen.extras.update(init_image=image, init_sha256=images.sha256(init_img))
+        load_req, out = _load_and_output(ckpt, config, v_prediction, device, precision, bf16, outdir, skip_grid,
+                                         skip_save, n_rows, no_watermark, quiet)
+        _run("img2img", load_req, gen, out, written)
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="INPUT...")
+@click.option("--prompt", default="", help="What the image shows (optional; helps the upscaler).")
+@click.option("--negative-prompt", "--negative_prompt", "negative_prompt", default="", help="What to steer away from.")
+@click.option("--noise-level", "--noise_level", "noise_level", type=int, default=20, show_default=True,
+              help="Noise added to the input, 0..350: higher invents more detail, lower stays closer.")
+@click.option("--steps", "--ddim_steps", "steps", type=int, default=75, show_default=True, help="Denoising steps.")
+@click.option("--scale", type=float, default=9.0, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--sampler", type=click.Choice(SAMPLER_NAMES), default="ddim", show_default=True, help="Sampler.")
+@click.option("--ddim_eta", "--eta", "eta", type=float, default=0.0, show_default=True, help="DDIM eta.")
+@click.option("--seed", type=str, default=None, help=f"Seed 0..{MAX_SEED}. Default: random, stored in each PNG.")
+@click.option("--seed-mode", type=click.Choice(SEED_MODES), default=DEFAULT_SEED_MODE, show_default=True,
+              help="per-image: input k uses seed+k. reference: every input uses the seed.")
+@click.option("--tile", type=int, default=128, show_default=True,
+              help="Tile size in input pixels for big inputs (UNet and VAE); 0 never tiles. Smaller uses less memory.")
+@click.option("--outdir", type=click.Path(path_type=Path), default=Path("outputs/upscale-samples"), show_default=True,
+              help="Images go to OUTDIR/samples/NNNNN.png.")
+@model_options
+@output_options
+def upscale(inputs, prompt, negative_prompt, noise_level, steps, scale, sampler, eta, seed, seed_mode, tile, outdir,
+            ckpt, config, v_prediction, device, precision, bf16, skip_grid, skip_save, n_rows, no_watermark, quiet,
+            verbose):
+    """Make images 4x larger with the SD x4 upscaler (x4-upscaler-ema.safetensors or a diffusers folder).
+
+    The VAE always decodes in fp32 (it overflows in fp16). Inputs larger than --tile pixels are processed in
+    overlapping, blended tiles so that a 512x512 input fits in 8 GiB of GPU memory.
+    """
+    from sdgen import upscale as upscaling
+
+    written: list[Path] = []
+    with error_boundary(verbose, written):
+        gen = GenerationRequest(batches=((prompt,),), negative_prompt=negative_prompt, steps=steps, sampler=sampler,
+                                scale=scale, eta=eta, seed=_parse_seed(seed), seed_mode=seed_mode)
+        validate(gen)
+        if not 0 <= noise_level <= upscaling.MAX_NOISE_LEVEL:
+            raise InputError(f"--noise-level {noise_level}: must be between 0 and {upscaling.MAX_NOISE_LEVEL}")
+        if tile != 0 and (tile < 32 or tile % 8):
+            raise InputError(f"--tile {tile}: must be 0 (no tiling) or a multiple of 8, at least 32")
+        settings = upscaling.UpscaleSettings(noise_level=noise_level, tile=tile, overlap=min(32, tile // 4))
+        loaded = upscaling.load_inputs(list(inputs))
+        load_req, out = _load_and_output(ckpt, config, v_prediction, device, precision, bf16, outdir, True, False,
+                                         0, no_watermark, quiet)
+        from sdgen import loader
+
+        say = _say(quiet)
+        pipe = loader.load(load_req, expect=("x4",), say=say)
+        say(f"sdgen: seed {gen.seed} ({gen.seed_mode}), {sampler}, {steps} steps, noise level {noise_level}")
+        result = upscaling.upscale(pipe, gen, out, settings, loaded, say=lambda m: click.echo(m, err=True),
+                                   emit=_emit(written))
+        say(f"sdgen: {result.images} image(s) written")
 
 
 def _run(mode: str, load_req: LoadRequest, gen: GenerationRequest, out: OutputRequest, written: list[Path]) -> None:

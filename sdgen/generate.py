@@ -8,11 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from sdgen import __version__
 from sdgen.noise import NoiseSource
 from sdgen.output import ImageWriter
 from sdgen.pipeline import Pipeline
-from sdgen.request import DEFAULT_SCALE, GenerationRequest, OutputRequest
+from sdgen.request import DEFAULT_IMG2IMG_SCALE, DEFAULT_SCALE, GenerationRequest, OutputRequest
 from sdgen.samplers import SAMPLERS, scheduler_steps
 
 
@@ -56,21 +58,23 @@ def run_batches(
     out: OutputRequest,
     mode: str,
     size: tuple[int, int],
-    make_latents: Callable[..., Any],  # (model, noise, generators, tick, batch number) -> latents
+    make_latents: Callable[..., Any],  # (model, BatchNoise, tick) -> latents
     meta_extra: dict,
     say: Callable[[str], None],
     emit: Callable[[Path], None],
     ticks_per_batch: int,
+    extra_noise_shape: tuple[int, ...] | None = None,
+    default_scales: dict[str, float] = DEFAULT_SCALE,
 ) -> RunResult:
     """The loop shared by txt2img and img2img: per batch encode, make latents, decode, save."""
     width, height = size
-    scale = gen.scale if gen.scale is not None else DEFAULT_SCALE[pipe.family]
+    scale = gen.scale if gen.scale is not None else default_scales[pipe.family]
     writer = ImageWriter(out.outdir, pipe.family, out.watermark, say=say)
     if not (out.skip_save and out.skip_grid):
         writer.prepare()
     f = pipe.vae_factor
     noise = NoiseSource(gen.seed, gen.seed_mode, pipe.placement.torch_device,
-                        (pipe.latent_channels, height // f, width // f), gen.fixed_code)
+                        (pipe.latent_channels, height // f, width // f), gen.fixed_code, extra_noise_shape)
     noise.start(gen.n_samples)
     meta = dict(base_metadata(pipe, gen, mode, scale, width, height), **meta_extra)
     warn_once = _once(say)
@@ -83,9 +87,10 @@ def run_batches(
             uncond = pipe.encode([gen.negative_prompt] * b) if scale != 1.0 else None
             cond = pipe.encode(list(prompts), warn=warn_once)
             # 2. Noise and sampling
-            x_noise, generators, seeds = noise.batch(result.images, b)
+            batch_noise = noise.batch(result.images, b)
+            seeds = batch_noise.seeds
             model = pipe.model_fn(cond, uncond, scale)
-            latents = make_latents(model, x_noise, generators, lambda: bar.update(1), iteration)
+            latents = make_latents(model, batch_noise, lambda: bar.update(1))
             # 3. Pixels, saved one by one as soon as they exist
             for i, rgb in enumerate(pipe.decode(latents)):
                 image_meta = dict(meta, prompt=prompts[i], seed=seeds[i], batch=iteration, batch_index=i,
@@ -112,8 +117,36 @@ def txt2img(pipe: Pipeline, gen: GenerationRequest, out: OutputRequest, say, emi
     width = gen.width or pipe.native_size
     height = gen.height or pipe.native_size
 
-    def make_latents(model, x_noise, generators, tick, _batch):
-        return pipe.denoise(x_noise, model, gen.sampler, gen.steps, gen.eta, generators, tick)
+    def make_latents(model, noise, tick):
+        return pipe.denoise(noise.start, model, gen.sampler, gen.steps, gen.eta, noise.generators, tick)
 
     ticks = scheduler_steps(gen.sampler, gen.steps)
     return run_batches(pipe, gen, out, "txt2img", (width, height), make_latents, {}, say, emit, ticks)
+
+
+def img2img(pipe: Pipeline, gen: GenerationRequest, out: OutputRequest, say, emit) -> RunResult:
+    """The reference img2img: encode the init image (VAE posterior sample), noise it to the strength's
+    step, denoise the remaining steps."""
+    import torch
+
+    init = gen.extras["init_image"]  # PIL RGB, already sized
+    strength = gen.extras["strength"]
+    width, height = init.size
+    f = pipe.vae_factor
+    pixels = torch.from_numpy(np.asarray(init, dtype=np.float32) / 255.0).permute(2, 0, 1)[None] * 2.0 - 1.0
+    with torch.no_grad():
+        mean, std = pipe.encode_image(pixels.to(pipe.placement.device))
+    t_enc = int(strength * gen.steps)  # the reference's number of denoising steps
+
+    def make_latents(model, noise, tick):
+        # the reference's get_first_stage_encoding: a posterior sample, times the latent scale factor
+        x0 = (mean + std * noise.extra) * pipe.vae.config.scaling_factor
+        return pipe.denoise_from(x0, noise.start, model, gen.sampler, gen.steps, t_enc, gen.eta,
+                                 noise.generators, tick)
+
+    meta = {"strength": strength, "init_image_sha256": gen.extras["init_sha256"],
+            "init_image": str(gen.extras["init_path"])}
+    ticks = scheduler_steps(gen.sampler, gen.steps) if t_enc >= gen.steps else t_enc
+    return run_batches(pipe, gen, out, "img2img", (width, height), make_latents, meta, say, emit, ticks,
+                       extra_noise_shape=(pipe.latent_channels, height // f, width // f),
+                       default_scales=DEFAULT_IMG2IMG_SCALE)

@@ -17,7 +17,17 @@ import numpy as np
 import torch
 
 from sdgen.device import Placement
-from sdgen.samplers import SAMPLERS, Schedule, run_scheduler, sample_dpm_solver, scheduler_init_sigma
+from sdgen.noise import drawer
+from sdgen.samplers import (
+    Schedule,
+    make_scheduler,
+    reference_timesteps,
+    run_scheduler,
+    sample_ddim,
+    sample_dpm_solver,
+    sample_plms,
+    scheduler_init_sigma,
+)
 from sdgen.tokenizer import CONTEXT_LENGTH, tokenize
 
 
@@ -85,10 +95,49 @@ class Pipeline:
         self, noise: torch.Tensor, model: Callable, sampler: str, steps: int, eta: float, generator: Any,
         progress: Callable[[], None],
     ) -> torch.Tensor:
-        if SAMPLERS[sampler].scheduler is None:
-            return sample_dpm_solver(model, noise, self.schedule.alphas_cumprod(), steps, self.v_prediction, progress)
+        ac = self.schedule.alphas_cumprod()
+        if sampler == "ddim":
+            draw = drawer(generator, noise.device)
+            return sample_ddim(model, noise, ac, steps, eta, self.v_prediction, draw, progress)
+        if sampler == "plms":
+            return sample_plms(model, noise, ac, steps, self.v_prediction, drawer(generator, noise.device), progress)
+        if sampler == "dpm":
+            return sample_dpm_solver(model, noise, ac, steps, self.v_prediction, progress)
         x = noise * scheduler_init_sigma(sampler, self.schedule, self.v_prediction, steps)
         return run_scheduler(sampler, model, x, steps, self.schedule, self.v_prediction, eta, generator, progress)
+
+    @torch.no_grad()
+    def encode_image(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE posterior's mean and std for images in [-1, 1] (sampled by the caller, whose noise it is)."""
+        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        return dist.mean.float(), dist.std.float()
+
+    @torch.no_grad()
+    def denoise_from(
+        self, x0: torch.Tensor, noise: torch.Tensor, model: Callable, sampler: str, steps: int, t_enc: int,
+        eta: float, generator: Any, progress: Callable[[], None],
+    ) -> torch.Tensor:
+        """img2img: noise the clean latents x0 to the strength's step and denoise the last t_enc steps."""
+        ac = self.schedule.alphas_cumprod().to(x0.device)
+        if t_enc <= 0:
+            return x0  # strength 0: the init image's round trip through the VAE
+        if t_enc >= steps:
+            return self.denoise(noise, model, sampler, steps, eta, generator, progress)  # strength 1
+        if sampler == "ddim":
+            # The reference: noise to the alpha of DDIM step t_enc, then denoise from step t_enc - 1.
+            a = ac[reference_timesteps(steps, ac.shape[0])[t_enc]]
+            x = torch.sqrt(a) * x0 + torch.sqrt(1.0 - a) * noise
+            return sample_ddim(model, x, ac, steps, eta, self.v_prediction, drawer(generator, x.device), progress,
+                               start=t_enc)
+        if sampler == "dpm":
+            return sample_dpm_solver(model, noise, ac, steps, self.v_prediction, progress, x0=x0,
+                                     strength=t_enc / steps)
+        sched = make_scheduler(sampler, self.schedule, self.v_prediction)
+        sched.set_timesteps(steps, device=x0.device)
+        start = (steps - t_enc) * sched.order
+        x = sched.add_noise(x0, noise, sched.timesteps[start : start + 1])
+        return run_scheduler(sampler, model, x, steps, self.schedule, self.v_prediction, eta, generator, progress,
+                             start_step=start)
 
     # 3. Decode ------------------------------------------------------------------------------------------
     @torch.no_grad()

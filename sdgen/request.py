@@ -16,7 +16,8 @@ from sdgen.samplers import SAMPLER_NAMES
 DEFAULT_STEPS = 50  # the reference scripts' --ddim_steps / --steps
 DEFAULT_SAMPLER = "ddim"  # the reference scripts' default sampler
 DEFAULT_SCALE = {"sd1": 7.5, "sd2": 9.0, "x4": 9.0}  # reference txt2img defaults (SD 1 and SD 2 scripts)
-DEFAULT_IMG2IMG_SCALE = {"sd1": 5.0, "sd2": 9.0}  # reference img2img defaults
+DEFAULT_IMG2IMG_SCALE = {"sd1": 5.0, "sd2": 9.0, "x4": 9.0}  # reference img2img defaults
+DEFAULT_STRENGTH = 0.75  # reference img2img default
 DEFAULT_ETA = 0.0  # deterministic DDIM, as the reference
 DEFAULT_SEED_MODE = "per-image"  # every image can be made again alone from the seed in its PNG
 SEED_MODES = ("per-image", "reference")
@@ -119,3 +120,13 @@ def validate(gen: GenerationRequest) -> None:
         raise InputError(f"--seed-mode {gen.seed_mode!r}: expected one of {', '.join(SEED_MODES)}")
     if not gen.batches or not all(gen.batches):
         raise InputError("no prompt: give one as an argument, with --prompt, or with --from-file")
+
+
+def validate_img2img(gen: GenerationRequest) -> None:
+    validate(gen)
+    strength = gen.extras.get("strength")
+    if strength is None or not math.isfinite(strength) or not 0.0 <= strength <= 1.0:
+        raise InputError(f"--strength {strength}: must be between 0 and 1")
+    if gen.sampler == "plms":
+        raise InputError("--sampler plms: img2img cannot start PLMS part-way (the reference img2img refuses it "
+                         "too); use ddim or another sampler")

@@ -1,10 +1,12 @@
 """Sampler names users type, mapped to the code that runs them.
 
-ddim and plms are diffusers' DDIM and PNDM(PLMS-only) schedulers configured as the reference samplers:
-timesteps 1, 1+T/S, ... ("leading" spacing with offset 1) and the last step going to alphas_cumprod[0], not 1.
-dpm is the SD 2 scripts' DPM-Solver (multistep, order 2, data prediction, time-uniform steps on the
-piecewise-linear log-alpha of the discrete schedule), written here as one function since diffusers'
-DPM-Solver uses integer timesteps and so differs from it.
+ddim, plms and dpm reproduce the reference scripts and are written here, one function each, because
+diffusers' versions differ in details that change pixels: the reference takes the timesteps
+``range(0, 1000, 1000 // S) + 1`` (31 of them for S = 30, where diffusers takes 30), ends on
+alphas_cumprod[0], and draws (and, at eta 0, discards) a noise tensor at every DDIM/PLMS update, which moves
+the random stream the next batch starts from. dpm is the SD 2 scripts' DPM-Solver (multistep, order 2, data
+prediction, time-uniform continuous steps on the piecewise-linear log-alpha of the discrete schedule).
+The other names are diffusers schedulers with the model's training schedule.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ class SamplerInfo:
 
 
 SAMPLERS: dict[str, SamplerInfo] = {
-    "ddim": SamplerInfo("DDIM", "DDIMScheduler"),
-    "plms": SamplerInfo("PLMS", "PNDMScheduler", (("skip_prk_steps", True),)),
+    "ddim": SamplerInfo("DDIM", None),
+    "plms": SamplerInfo("PLMS", None),
     "dpm": SamplerInfo("DPM-Solver", None),
     "euler": SamplerInfo("Euler", "EulerDiscreteScheduler"),
     "euler_a": SamplerInfo("Euler a", "EulerAncestralDiscreteScheduler", stochastic=True),
@@ -70,10 +72,6 @@ def make_scheduler(name: str, schedule: Schedule, v_prediction: bool):
         "beta_schedule": "scaled_linear",
         "prediction_type": "v_prediction" if v_prediction else "epsilon",
     }
-    if name in ("ddim", "plms"):
-        common.update(timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False)
-    if name == "ddim":
-        common.update(clip_sample=False)
     return getattr(diffusers, info.scheduler)(**common, **dict(info.options))
 
 
@@ -84,11 +82,9 @@ def run_scheduler(
     """Denoise ``x`` (already scaled as the scheduler's first step expects) from step ``start_step``."""
     sched = make_scheduler(name, schedule, v_prediction)
     sched.set_timesteps(steps, device=x.device)
-    extra: dict[str, Any] = {}
-    if name == "ddim":
-        extra = {"eta": eta, "generator": generator}
-    elif SAMPLERS[name].stochastic:
-        extra = {"generator": generator}
+    extra: dict[str, Any] = {"generator": generator} if SAMPLERS[name].stochastic else {}
+    if start_step and hasattr(sched, "set_begin_index"):
+        sched.set_begin_index(start_step)
     for t in sched.timesteps[start_step:]:
         model_in = sched.scale_model_input(x, t)
         x = sched.step(model(model_in, t), t, x, **extra).prev_sample
@@ -104,14 +100,114 @@ def scheduler_init_sigma(name: str, schedule: Schedule, v_prediction: bool, step
     return float(sched.init_noise_sigma)
 
 
-def scheduler_steps(name: str, steps: int) -> int:
+def reference_timesteps(steps: int, n_train: int = 1000) -> list[int]:
+    """The reference's 'uniform' DDIM/PLMS timesteps: range(0, 1000, 1000 // steps) + 1. For the step counts
+    where that reaches 1000 (3, 9, 27, 37, 111, 333, 1000) the reference crashes; sdgen drops that step."""
+    return [t + 1 for t in range(0, n_train, n_train // steps) if t + 1 < n_train]
+
+
+def scheduler_steps(name: str, steps: int, n_train: int = 1000) -> int:
     """How many model evaluations (progress ticks) a run of ``steps`` takes."""
-    return steps + 1 if name == "plms" and steps > 1 else steps
+    if name == "ddim":
+        return len(reference_timesteps(steps, n_train))
+    if name == "plms":
+        return len(reference_timesteps(steps, n_train)) + 1
+    if name == "heun":
+        return 2 * steps - 1
+    return steps
+
+
+def _ddim_tables(alphas_cumprod: torch.Tensor, timesteps: list[int], eta: float):
+    """alpha_t, alpha_prev and sigma for each reference step (DDIM paper, Song et al. 2020, eq. 16)."""
+    import torch
+
+    a = alphas_cumprod[timesteps]
+    a_prev = torch.cat([alphas_cumprod[:1], alphas_cumprod[timesteps[:-1]]])
+    sigma = eta * torch.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+    return a, a_prev, sigma
+
+
+def _eps_and_x0(out, x, t, a_t, sqrt_ac, sqrt_1m_ac, v_prediction):
+    """eps and predicted x0 from the model output (eps or v; Salimans & Ho 2022 for v)."""
+    import torch
+
+    if v_prediction:
+        return sqrt_ac[t] * out + sqrt_1m_ac[t] * x, sqrt_ac[t] * x - sqrt_1m_ac[t] * out
+    return out, (x - torch.sqrt(1.0 - a_t) * out) / torch.sqrt(a_t)
+
+
+def _schedule_roots(alphas_cumprod: torch.Tensor):
+    ac = alphas_cumprod.double()
+    return ac.sqrt().float(), (1.0 - ac).sqrt().float()
+
+
+def sample_ddim(
+    model: ModelFn, x: torch.Tensor, alphas_cumprod: torch.Tensor, steps: int, eta: float, v_prediction: bool,
+    draw: Callable[[tuple], torch.Tensor], progress: Callable[[], None], start: int | None = None,
+) -> torch.Tensor:
+    """DDIM (Song et al., 2020, arXiv:2010.02502) as the reference DDIMSampler: from step ``start`` (img2img's
+    t_enc; default all) down to timestep 1, drawing a noise tensor at every step as the reference does."""
+    import torch
+
+    ac = alphas_cumprod.to(x.device)
+    ts = reference_timesteps(steps, ac.shape[0])
+    a, a_prev, sigma = _ddim_tables(ac, ts, eta)
+    sqrt_ac, sqrt_1m_ac = _schedule_roots(ac)
+    for index in reversed(range(len(ts) if start is None else start)):
+        t = ts[index]
+        out = model(x, torch.tensor(t, device=x.device))
+        e_t, pred_x0 = _eps_and_x0(out, x, t, a[index], sqrt_ac, sqrt_1m_ac, v_prediction)
+        dir_xt = torch.sqrt(1.0 - a_prev[index] - sigma[index] ** 2) * e_t
+        x = torch.sqrt(a_prev[index]) * pred_x0 + dir_xt + sigma[index] * draw(x.shape)
+        progress()
+    return x
+
+
+def sample_plms(
+    model: ModelFn, x: torch.Tensor, alphas_cumprod: torch.Tensor, steps: int, v_prediction: bool,
+    draw: Callable[[tuple], torch.Tensor], progress: Callable[[], None],
+) -> torch.Tensor:
+    """PLMS (Liu et al., 2022, arXiv:2202.09778, 'pseudo linear multistep') as the reference PLMSSampler:
+    a pseudo improved-Euler first step, then Adams-Bashforth of orders 2, 3, 4 on eps.
+    (For v-prediction models eps is derived from v; the reference PLMS skips that and fails on them.)"""
+    import torch
+
+    ac = alphas_cumprod.to(x.device)
+    ts = reference_timesteps(steps, ac.shape[0])
+    a, a_prev, _ = _ddim_tables(ac, ts, 0.0)
+    sqrt_ac, sqrt_1m_ac = _schedule_roots(ac)
+
+    def eps(x_in: torch.Tensor, t: int) -> torch.Tensor:
+        out = model(x_in, torch.tensor(t, device=x.device))
+        progress()
+        return _eps_and_x0(out, x_in, t, a[0], sqrt_ac, sqrt_1m_ac, v_prediction)[0] if v_prediction else out
+
+    def update(x_in: torch.Tensor, e: torch.Tensor, index: int) -> torch.Tensor:
+        pred_x0 = (x_in - torch.sqrt(1.0 - a[index]) * e) / torch.sqrt(a[index])
+        draw(x_in.shape)  # sigma is 0 (PLMS needs eta 0), but the reference draws the tensor all the same
+        return torch.sqrt(a_prev[index]) * pred_x0 + torch.sqrt(1.0 - a_prev[index]) * e
+
+    old: list[torch.Tensor] = []
+    for index in reversed(range(len(ts))):
+        t, t_next = ts[index], ts[max(index - 1, 0)]
+        e_t = eps(x, t)
+        if not old:
+            e_next = eps(update(x, e_t, index), t_next)
+            e_prime = (e_t + e_next) / 2
+        elif len(old) == 1:
+            e_prime = (3 * e_t - old[-1]) / 2
+        elif len(old) == 2:
+            e_prime = (23 * e_t - 16 * old[-1] + 5 * old[-2]) / 12
+        else:
+            e_prime = (55 * e_t - 59 * old[-1] + 37 * old[-2] - 9 * old[-3]) / 24
+        x = update(x, e_prime, index)
+        old = (old + [e_t])[-3:]
+    return x
 
 
 def sample_dpm_solver(
     model: ModelFn, x: torch.Tensor, alphas_cumprod: torch.Tensor, steps: int, v_prediction: bool,
-    progress: Callable[[], None],
+    progress: Callable[[], None], x0: torch.Tensor | None = None, strength: float = 1.0,
 ) -> torch.Tensor:
     """DPM-Solver-2 multistep with data prediction (Lu et al., 2022, arXiv:2211.01095 'DPM-Solver++'
     with the 'dpm_solver' correction), as the SD 2 scripts' DPMSolverSampler runs it."""
@@ -139,7 +235,12 @@ def sample_dpm_solver(
         progress()
         return (x - sigma * eps) / alpha
 
-    ts = torch.linspace(1.0, 1.0 / n, steps + 1, device=x.device)
+    t_start = 1.0 if x0 is None else 1.0 / n + strength * (1.0 - 1.0 / n)  # img2img starts part-way
+    if x0 is not None:
+        steps = max(1, round(strength * steps))
+        alpha, sigma, _ = coeffs(torch.tensor(t_start, device=x.device))
+        x = alpha * x0 + sigma * x  # x is the forward-process noise here
+    ts = torch.linspace(t_start, 1.0 / n, steps + 1, device=x.device)
     prev_x0 = data_prediction(x, ts[0])
     prev_lambda = coeffs(ts[0])[2]
     older: tuple[torch.Tensor, torch.Tensor] | None = None

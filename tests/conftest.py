@@ -50,7 +50,8 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     """Tiny random-weight checkpoints in the original layout, each with NAME.yaml beside it."""
     root = tmp_path_factory.mktemp("tiny")
     paths: dict[str, Path] = {}
-    for family, fmt in (("sd1", "ckpt"), ("sd1", "safetensors"), ("sd2", "safetensors"), ("sd2v", "ckpt")):
+    for family, fmt in (("sd1", "ckpt"), ("sd1", "safetensors"), ("sd2", "safetensors"), ("sd2v", "ckpt"),
+                        ("x4", "safetensors")):
         folder = root / f"{family}-{fmt}"
         ckpt, cfg = write_tiny(family, folder, fmt)
         paths[f"{family}.{fmt}"] = ckpt
@@ -106,3 +107,12 @@ def sdgen():
 
 def pixels(path: Path) -> np.ndarray:
     return np.array(Image.open(path).convert("RGB"))
+
+
+def gradient_image(path: Path, width: int, height: int, mode: str = "RGB") -> Path:
+    """A smooth test picture (no seams of its own), saved in any Pillow mode."""
+    x = np.linspace(0, 255, width)[None, :].repeat(height, 0)
+    y = np.linspace(0, 255, height)[:, None].repeat(width, 1)
+    rgb = np.stack([x, y, (x + y) / 2], -1).astype(np.uint8)
+    Image.fromarray(rgb).convert(mode).save(path)
+    return path

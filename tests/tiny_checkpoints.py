@@ -43,6 +43,20 @@ def tiny_config(family: str) -> dict[str, Any]:
     if family == "sd1":
         unet["num_heads"] = 2
         cond = {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"}
+    elif family == "x4":
+        # the x4 upscaler: 7 input channels (latents + the noised low-res image), a noise-level class embedding,
+        # cross-attention only in the attention levels, a factor-4 VAE, its own noise schedule
+        unet.update(in_channels=7, num_classes=1000, attention_resolutions=[2], num_heads=2,
+                    disable_self_attentions=[True, True], disable_middle_self_attn=False,
+                    use_linear_in_transformer=True)
+        cond = {"target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+                "params": {"freeze": True, "layer": "penultimate"}}
+        params.update(parameterization="v", linear_start=0.0001, linear_end=0.02, scale_factor=0.08333,
+                      low_scale_key="lr", conditioning_key="hybrid-adm")
+        params["low_scale_config"] = {
+            "target": "ldm.modules.diffusionmodules.upscaling.ImageConcatWithNoiseAugmentation",
+            "params": {"noise_schedule_config": {"linear_start": 0.0001, "linear_end": 0.02}, "max_noise_level": 350},
+        }
     else:
         unet.update(num_head_channels=16, use_linear_in_transformer=True)
         cond = {"target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
@@ -50,9 +64,10 @@ def tiny_config(family: str) -> dict[str, Any]:
         if family == "sd2v":
             params["parameterization"] = "v"
     params["unet_config"] = {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet}
+    vae = dict(TINY_VAE, ch_mult=[1, 1, 1]) if family == "x4" else dict(TINY_VAE)
     params["first_stage_config"] = {
         "target": "ldm.models.autoencoder.AutoencoderKL",
-        "params": {"embed_dim": 4, "ddconfig": dict(TINY_VAE)},
+        "params": {"embed_dim": 4, "ddconfig": vae},
     }
     params["cond_stage_config"] = cond
     return {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": params}}
@@ -278,6 +293,9 @@ def random_state_dict(family: str, seed: int = 0, contrast: float = 0.03) -> dic
     # (Parity checks against the reference pass contrast=1.0 to keep every pixel difference visible.)
     sd["first_stage_model.decoder.conv_out.weight"] *= contrast
     sd.update(schedule_buffers(params))
+    if family == "x4":
+        low = schedule_buffers(params["low_scale_config"]["params"]["noise_schedule_config"] | {})
+        sd.update({f"low_scale_model.{k}": v for k, v in low.items()})
     return sd
 
 
