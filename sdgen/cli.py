@@ -99,6 +99,9 @@ model_options = _options(
     click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="auto", show_default=True,
                  help="auto = fp16 on GPUs, fp32 on the CPU (full = fp32, autocast = auto). Never fp16 on the CPU."),
     click.option("--bf16", is_flag=True, help="Same as --precision bf16 (reference SD 2 spelling)."),
+    click.option("--low-vram", "low_vram", is_flag=True,
+                 help="Smallest GPU memory: attention slicing, tiled VAE, each layer on the GPU only while it runs. "
+                      "(Without it, sdgen steps down to these by itself when CUDA runs out of memory.)"),
 )
 
 sampling_options = _options(
@@ -216,10 +219,10 @@ def _generation(prompt_arg, prompt_opt, from_file, repeat, n_samples, n_iter, ne
     )
 
 
-def _load_and_output(ckpt, config, v_prediction, device, precision, bf16, outdir, skip_grid, skip_save, n_rows,
-                     no_watermark, quiet) -> tuple[LoadRequest, OutputRequest]:
+def _load_and_output(ckpt, config, v_prediction, device, precision, bf16, low_vram, outdir, skip_grid, skip_save,
+                     n_rows, no_watermark, quiet) -> tuple[LoadRequest, OutputRequest]:
     load_req = LoadRequest(ckpt=ckpt, config=config, v_prediction=v_prediction, device=device,
-                           precision="bf16" if bf16 else precision)
+                           precision="bf16" if bf16 else precision, low_vram=low_vram)
     out = OutputRequest(outdir=outdir, skip_grid=skip_grid, skip_save=skip_save, watermark=not no_watermark,
                         n_rows=n_rows, quiet=quiet)
     return load_req, out
@@ -243,15 +246,15 @@ size_options = _options(
 @output_options
 def txt2img(prompt_arg, prompt_opt, from_file, repeat, height, width, outdir, n_samples, n_iter, negative_prompt,
             steps, sampler, plms, dpm, scale, eta, seed, seed_mode, fixed_code, ckpt, config, v_prediction, device,
-            precision, bf16, skip_grid, skip_save, n_rows, no_watermark, quiet, verbose):
+            precision, bf16, low_vram, skip_grid, skip_save, n_rows, no_watermark, quiet, verbose):
     """Make images from a text prompt. -H/-W default to the model's size (512, or 768 for SD 2.x-v)."""
     written: list[Path] = []
     with error_boundary(verbose, written):
         gen = _generation(prompt_arg, prompt_opt, from_file, repeat, n_samples, n_iter, negative_prompt, steps,
                           sampler, plms, dpm, scale, eta, height, width, seed, seed_mode, fixed_code)
         validate(gen)
-        load_req, out = _load_and_output(ckpt, config, v_prediction, device, precision, bf16, outdir, skip_grid,
-                                         skip_save, n_rows, no_watermark, quiet)
+        load_req, out = _load_and_output(ckpt, config, v_prediction, device, precision, bf16, low_vram, outdir,
+                                         skip_grid, skip_save, n_rows, no_watermark, quiet)
         _run("txt2img", load_req, gen, out, written)
 
 
@@ -269,7 +272,8 @@ def txt2img(prompt_arg, prompt_opt, from_file, repeat, height, width, outdir, n_
 @output_options
 def img2img(prompt_arg, prompt_opt, from_file, repeat, init_img, strength, height, width, outdir, n_samples, n_iter,
             negative_prompt, steps, sampler, plms, dpm, scale, eta, seed, seed_mode, fixed_code, ckpt, config,
-            v_prediction, device, precision, bf16, skip_grid, skip_save, n_rows, no_watermark, quiet, verbose):
+            v_prediction, device, precision, bf16, low_vram, skip_grid, skip_save, n_rows, no_watermark, quiet,
+            verbose):
     """Turn a sketch or picture into a new one guided by a prompt.
 
     The output has the init image's size rounded down to a multiple of 8, unless -H/-W resize it first.
@@ -287,8 +291,8 @@ def img2img(prompt_arg, prompt_opt, from_file, repeat, init_img, strength, heigh
         if resized and not quiet:
             click.echo(f"sdgen: {resized}", err=True)
         gen.extras.update(init_image=image, init_sha256=images.sha256(init_img))
-        load_req, out = _load_and_output(ckpt, config, v_prediction, device, precision, bf16, outdir, skip_grid,
-                                         skip_save, n_rows, no_watermark, quiet)
+        load_req, out = _load_and_output(ckpt, config, v_prediction, device, precision, bf16, low_vram, outdir,
+                                         skip_grid, skip_save, n_rows, no_watermark, quiet)
         _run("img2img", load_req, gen, out, written)
 
 
@@ -312,8 +316,8 @@ def img2img(prompt_arg, prompt_opt, from_file, repeat, init_img, strength, heigh
 @model_options
 @output_options
 def upscale(inputs, prompt, negative_prompt, noise_level, steps, scale, sampler, eta, seed, seed_mode, tile, outdir,
-            ckpt, config, v_prediction, device, precision, bf16, skip_grid, skip_save, n_rows, no_watermark, quiet,
-            verbose):
+            ckpt, config, v_prediction, device, precision, bf16, low_vram, skip_grid, skip_save, n_rows, no_watermark,
+            quiet, verbose):
     """Make images 4x larger with the SD x4 upscaler (x4-upscaler-ema.safetensors or a diffusers folder).
 
     The VAE always decodes in fp32 (it overflows in fp16). Inputs larger than --tile pixels are processed in
@@ -332,8 +336,8 @@ def upscale(inputs, prompt, negative_prompt, noise_level, steps, scale, sampler,
             raise InputError(f"--tile {tile}: must be 0 (no tiling) or a multiple of 8, at least 32")
         settings = upscaling.UpscaleSettings(noise_level=noise_level, tile=tile, overlap=min(32, tile // 4))
         loaded = upscaling.load_inputs(list(inputs))
-        load_req, out = _load_and_output(ckpt, config, v_prediction, device, precision, bf16, outdir, True, False,
-                                         0, no_watermark, quiet)
+        load_req, out = _load_and_output(ckpt, config, v_prediction, device, precision, bf16, low_vram, outdir,
+                                         True, False, 0, no_watermark, quiet)
         from sdgen import loader
 
         say = _say(quiet)

@@ -27,3 +27,11 @@ class DeviceError(SdgenError):
 
 class OutputError(SdgenError):
     """The output folder cannot be written (read-only, disk full)."""
+
+
+class ModelOutputError(SdgenError):
+    """The model produced NaN/inf even in fp32: its weights are broken."""
+
+
+class OutOfMemory(SdgenError):
+    """Out of memory at the bottom of the ladder."""

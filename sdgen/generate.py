@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from sdgen import __version__
+from sdgen.errors import ModelOutputError, OutOfMemory
 from sdgen.noise import NoiseSource
 from sdgen.output import ImageWriter
 from sdgen.pipeline import Pipeline
@@ -39,6 +40,49 @@ def _once(say: Callable[[str], None]) -> Callable[[str], None]:
             say(message)
 
     return tell
+
+
+class _HalfOverflow(Exception):
+    """The UNet's half-precision output overflowed (NaN/inf latents)."""
+
+
+def checked_latents(pipe: Pipeline, latents):
+    import torch
+
+    if torch.isfinite(latents).all():
+        return latents
+    if pipe.unet.dtype != torch.float32:
+        raise _HalfOverflow()
+    raise ModelOutputError("the UNet produced NaN/inf values even in fp32: the checkpoint's weights are broken")
+
+
+def with_fallbacks(pipe: Pipeline, noise: NoiseSource | None, make_batch: Callable[[], Any], say: Callable[[str], None]):
+    """Run one batch; on CUDA out-of-memory step down the memory ladder, on a half-precision overflow move
+    the UNet to fp32, and redo the batch with the same random numbers. Images already saved stay saved."""
+    from sdgen.memory import free_cached_memory, is_out_of_memory
+
+    while True:
+        state = noise.snapshot() if noise is not None else None
+        try:
+            return make_batch()
+        except _HalfOverflow:
+            say(f"sdgen: the UNet overflowed in {pipe.placement.precision}; redoing this batch with the UNet in fp32")
+            pipe.upcast_unet()
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            del e  # drop the traceback's references to the big tensors before freeing memory
+            free_cached_memory()
+            step = pipe.memory.step_down()
+            if step is None:
+                raise OutOfMemory(
+                    "out of GPU memory even with sequential CPU offload; try a smaller -H/-W, -n 1, "
+                    "--tile 64 for upscale, or --device cpu"
+                ) from None
+            say(f"sdgen: out of GPU memory; retrying this batch with {step}")
+            pipe.notes.append(f"out of memory: used {step}")
+        if noise is not None:
+            noise.restore(state)
 
 
 def base_metadata(pipe: Pipeline, gen: GenerationRequest, mode: str, scale: float, width: int, height: int) -> dict:
@@ -83,16 +127,19 @@ def run_batches(
     try:
         for iteration, prompts in enumerate(gen.batches):
             b = len(prompts)
-            # 1. Conditioning, unconditional first as the reference (it draws no random numbers either way)
-            uncond = pipe.encode([gen.negative_prompt] * b) if scale != 1.0 else None
-            cond = pipe.encode(list(prompts), warn=warn_once)
-            # 2. Noise and sampling
-            batch_noise = noise.batch(result.images, b)
-            seeds = batch_noise.seeds
-            model = pipe.model_fn(cond, uncond, scale)
-            latents = make_latents(model, batch_noise, lambda: bar.update(1))
-            # 3. Pixels, saved one by one as soon as they exist
-            for i, rgb in enumerate(pipe.decode(latents)):
+            def make_batch():
+                # 1. Conditioning, unconditional first as the reference (it draws no random numbers either way)
+                uncond = pipe.encode([gen.negative_prompt] * b) if scale != 1.0 else None
+                cond = pipe.encode(list(prompts), warn=warn_once)
+                # 2. Noise and sampling
+                batch_noise = noise.batch(result.images, b)
+                latents = make_latents(pipe.model_fn(cond, uncond, scale), batch_noise, lambda: bar.update(1))
+                # 3. Pixels
+                return pipe.decode(checked_latents(pipe, latents)), batch_noise.seeds
+
+            rgbs, seeds = with_fallbacks(pipe, noise, make_batch, say)
+            # 4. Saved one by one as soon as they exist
+            for i, rgb in enumerate(rgbs):
                 image_meta = dict(meta, prompt=prompts[i], seed=seeds[i], batch=iteration, batch_index=i,
                                   notes=list(pipe.notes))
                 if not out.skip_save:

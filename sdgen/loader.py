@@ -91,6 +91,10 @@ def load(req: LoadRequest, expect: tuple[str, ...] = (SD1, SD2), say=print) -> P
         pipe = _load_diffusers_folder(ckpt, placement, req, expect)
     else:
         pipe = _load_single_file(ckpt, placement, req, expect)
+    if req.low_vram:
+        from sdgen.memory import BOTTOM, MemoryPlan
+
+        pipe.memory = MemoryPlan(pipe.memory.models, placement.torch_device, level=BOTTOM)
     kind = "v-prediction" if pipe.v_prediction else "epsilon"
     say(f"sdgen: {FAMILY_NAMES[pipe.family]} ({kind}) from {ckpt.name}, config {pipe.config_source}, "
         f"on {placement.describe()}")
@@ -104,11 +108,13 @@ def _check_family(family: str, expect: tuple[str, ...], ckpt: Path) -> None:
         raise CheckpointError(f"--ckpt {ckpt}: a {FAMILY_NAMES[family]} model; this command needs {wanted} ({hint})")
 
 
-def _place(pipe_parts: dict, placement: Placement) -> None:
+def _place(pipe_parts: dict, placement: Placement, low_vram: bool) -> None:
+    """Cast to the run's dtype; move to the device unless --low-vram keeps the weights on the CPU."""
     import torch
 
+    device = "cpu" if low_vram else placement.torch_device
     for name in ("unet", "text_encoder", "vae"):
-        pipe_parts[name].to(placement.torch_device, placement.dtype)
+        pipe_parts[name].to(device, placement.dtype)
     if pipe_parts.get("vae_fp32"):
         pipe_parts["vae"].to(torch.float32)
 
@@ -129,7 +135,7 @@ def _load_single_file(ckpt: Path, placement: Placement, req: LoadRequest, expect
     parts["text_encoder"], pad_id = models.build_text_encoder(spec, sd, source)
     parts["vae_fp32"] = spec.family == X4  # the x4 upscaler's VAE overflows in fp16
     del sd
-    _place(parts, placement)
+    _place(parts, placement, req.low_vram)
     p = spec.params
     return Pipeline(
         family=spec.family, unet=parts["unet"], vae=parts["vae"], text_encoder=parts["text_encoder"],
@@ -166,7 +172,7 @@ def _load_diffusers_folder(
     _check_family(family, expect, folder)
     v = sched.get("prediction_type") == "v_prediction" if req.v_prediction is None else req.v_prediction
     parts = {"unet": unet.eval(), "vae": vae.eval(), "text_encoder": text_encoder.eval(), "vae_fp32": family == X4}
-    _place(parts, placement)
+    _place(parts, placement, req.low_vram)
     schedule = Schedule(sched.get("beta_start", 0.00085), sched.get("beta_end", 0.012),
                         sched.get("num_train_timesteps", 1000))
     return Pipeline(

@@ -53,6 +53,14 @@ class NoiseSource:
         if self.fixed_code:
             self._fixed = self._draw(n_samples)
 
+    def snapshot(self) -> object:
+        """The generator state, to redo a batch with the same numbers (after an OOM or an overflow)."""
+        return self._generator.get_state() if self._generator is not None else None
+
+    def restore(self, state: object) -> None:
+        if state is not None:
+            self._generator.set_state(state)
+
     def _draw(self, batch: int) -> torch.Tensor:
         return torch.randn((batch, *self.shape), generator=self._generator, device=self.device)
 

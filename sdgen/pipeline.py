@@ -17,6 +17,8 @@ import numpy as np
 import torch
 
 from sdgen.device import Placement
+from sdgen.errors import ModelOutputError
+from sdgen.memory import MemoryPlan
 from sdgen.noise import drawer
 from sdgen.samplers import (
     Schedule,
@@ -46,6 +48,17 @@ class Pipeline:
     model_hash: str | None
     config_source: str
     notes: list[str] = field(default_factory=list)  # what had to be done differently (fp32 fallbacks)
+    memory: MemoryPlan | None = None
+
+    def __post_init__(self) -> None:
+        if self.memory is None:
+            models = {"text_encoder": self.text_encoder, "unet": self.unet, "vae": self.vae}
+            self.memory = MemoryPlan(models, self.placement.torch_device)
+
+    def upcast_unet(self) -> None:
+        """After a half-precision overflow in the UNet: run it (and the text features) in fp32 from now on."""
+        self.unet.to(torch.float32)
+        self.notes.append("UNet ran in fp32 after a half-precision overflow")
 
     @property
     def latent_channels(self) -> int:
@@ -64,16 +77,17 @@ class Pipeline:
                 if n > CONTEXT_LENGTH:
                     warn(f"prompt cut to {CONTEXT_LENGTH - 2} of its {n - 2} tokens: {prompt[:60]!r}...")
         tokens = torch.tensor(ids, device=self.placement.device)
-        hidden = self.text_encoder(input_ids=tokens).last_hidden_state
-        return hidden.to(self.unet.dtype)
+        with self.memory.using("text_encoder") as text_encoder:
+            hidden = text_encoder(input_ids=tokens).last_hidden_state
+        return hidden.float()
 
     # 2. Denoise -----------------------------------------------------------------------------------------
     def model_fn(self, cond: torch.Tensor, uncond: torch.Tensor | None, scale: float, extra: dict | None = None):
         """Model output for latents x at timestep t, with classifier-free guidance."""
-        unet, dtype = self.unet, self.unet.dtype
         extra = extra or {}
 
         def call(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            unet, dtype = self.unet, self.unet.dtype
             t = t.to(x.device).reshape(-1)
             if t.numel() == 1:
                 t = t.expand(x.shape[0])
@@ -82,7 +96,8 @@ class Pipeline:
             else:
                 x_in, t_in, c_in = torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond])
             kwargs = {k: (torch.cat([v, v]) if uncond is not None else v) for k, v in extra.items()}
-            out = unet(x_in.to(dtype), t_in, encoder_hidden_states=c_in, return_dict=False, **kwargs)[0].float()
+            out = unet(x_in.to(dtype), t_in, encoder_hidden_states=c_in.to(dtype), return_dict=False, **kwargs)[0]
+            out = out.float()
             if uncond is None:
                 return out
             out_uncond, out_cond = out.chunk(2)
@@ -95,6 +110,10 @@ class Pipeline:
         self, noise: torch.Tensor, model: Callable, sampler: str, steps: int, eta: float, generator: Any,
         progress: Callable[[], None],
     ) -> torch.Tensor:
+        with self.memory.using("unet"):
+            return self._denoise(noise, model, sampler, steps, eta, generator, progress)
+
+    def _denoise(self, noise, model, sampler, steps, eta, generator, progress) -> torch.Tensor:
         ac = self.schedule.alphas_cumprod()
         if sampler == "ddim":
             draw = drawer(generator, noise.device)
@@ -109,7 +128,8 @@ class Pipeline:
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The VAE posterior's mean and std for images in [-1, 1] (sampled by the caller, whose noise it is)."""
-        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        with self.memory.using("vae") as vae:
+            dist = vae.encode(pixels.to(vae.dtype)).latent_dist
         return dist.mean.float(), dist.std.float()
 
     @torch.no_grad()
@@ -118,11 +138,15 @@ class Pipeline:
         eta: float, generator: Any, progress: Callable[[], None],
     ) -> torch.Tensor:
         """img2img: noise the clean latents x0 to the strength's step and denoise the last t_enc steps."""
+        with self.memory.using("unet"):
+            return self._denoise_from(x0, noise, model, sampler, steps, t_enc, eta, generator, progress)
+
+    def _denoise_from(self, x0, noise, model, sampler, steps, t_enc, eta, generator, progress) -> torch.Tensor:
         ac = self.schedule.alphas_cumprod().to(x0.device)
         if t_enc <= 0:
             return x0  # strength 0: the init image's round trip through the VAE
         if t_enc >= steps:
-            return self.denoise(noise, model, sampler, steps, eta, generator, progress)  # strength 1
+            return self._denoise(noise, model, sampler, steps, eta, generator, progress)  # strength 1
         if sampler == "ddim":
             # The reference: noise to the alpha of DDIM step t_enc, then denoise from step t_enc - 1.
             a = ac[reference_timesteps(steps, ac.shape[0])[t_enc]]
@@ -144,12 +168,16 @@ class Pipeline:
     def decode(self, latents: torch.Tensor) -> list[np.ndarray]:
         """Latents -> HxWx3 uint8 images. A half-precision VAE that overflows is redone in fp32."""
         z = latents / self.vae.config.scaling_factor
-        x = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
-        if not torch.isfinite(x).all() and self.vae.dtype != torch.float32:
-            self.notes.append("VAE decoded in fp32 after a half-precision overflow")
-            print("sdgen: the VAE overflowed in half precision; decoding this batch in fp32", file=sys.stderr)
-            self.vae.to(torch.float32)
-            x = self.vae.decode(z.float(), return_dict=False)[0]
+        with self.memory.using("vae") as vae:
+            x = vae.decode(z.to(vae.dtype), return_dict=False)[0]
+            if not torch.isfinite(x).all() and vae.dtype != torch.float32:
+                self.notes.append("VAE decoded in fp32 after a half-precision overflow")
+                print("sdgen: the VAE overflowed in half precision; decoding in fp32 from now on", file=sys.stderr)
+                vae.to(torch.float32)
+                x = vae.decode(z.float(), return_dict=False)[0]
+        if not torch.isfinite(x).all():
+            raise ModelOutputError("the VAE produced NaN/inf values even in fp32: the checkpoint's VAE weights "
+                                   "are broken")
         x = torch.clamp((x.float() + 1.0) / 2.0, 0.0, 1.0)
         arrays = (255.0 * x.permute(0, 2, 3, 1).cpu().numpy()).astype(np.uint8)
         return list(arrays)

@@ -33,6 +33,7 @@ class LoadRequest:
     v_prediction: bool | None = None  # None: decided from the checkpoint (see families.decide_v_prediction)
     device: str = "auto"
     precision: str = "auto"
+    low_vram: bool = False  # start at the bottom of the out-of-memory ladder (sequential CPU offload)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from sdgen import images
-from sdgen.generate import RunResult, _progress, base_metadata
+from sdgen.generate import RunResult, _progress, base_metadata, checked_latents, with_fallbacks
 from sdgen.noise import NoiseSource
 from sdgen.output import ImageWriter
 from sdgen.pipeline import Pipeline
@@ -55,9 +55,8 @@ def ramp(n: int, overlap: int, device) -> torch.Tensor:
 
 def make_model(pipe: Pipeline, cond, uncond, scale: float, low_res: torch.Tensor, noise_level: int,
                settings: UpscaleSettings):
-    unet, dtype = pipe.unet, pipe.unet.dtype
-
     def unet_guided(x: torch.Tensor, t: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+        unet, dtype = pipe.unet, pipe.unet.dtype
         b = x.shape[0]
         x_in = torch.cat([x, lr.expand(b, -1, -1, -1)], dim=1)
         if uncond is None:
@@ -65,7 +64,8 @@ def make_model(pipe: Pipeline, cond, uncond, scale: float, low_res: torch.Tensor
         else:
             x_in, c_in, t_in = torch.cat([x_in, x_in]), torch.cat([uncond, cond]), torch.cat([t, t])
         labels = torch.full((x_in.shape[0],), noise_level, dtype=torch.long, device=x.device)
-        out = unet(x_in.to(dtype), t_in, encoder_hidden_states=c_in, class_labels=labels, return_dict=False)[0]
+        out = unet(x_in.to(dtype), t_in, encoder_hidden_states=c_in.to(dtype), class_labels=labels,
+                   return_dict=False)[0]
         out = out.float()
         if uncond is None:
             return out
@@ -125,19 +125,22 @@ def upscale(pipe: Pipeline, gen: GenerationRequest, out: OutputRequest, settings
             h, w = padded.shape[:2]
             device = pipe.placement.torch_device
             lr = torch.from_numpy(padded.astype(np.float32) / 255.0).permute(2, 0, 1)[None].to(device) * 2.0 - 1.0
-            # per input: the low-res augmentation noise first (as the reference), then the starting latents
-            noise = NoiseSource(gen.seed + (k if gen.seed_mode == "per-image" else 0), gen.seed_mode, device,
-                                (pipe.latent_channels, h, w), extra_shape=(3, h, w))
-            noise.start(1)
-            batch = noise.batch(0, 1)
-            a = low_ac[settings.noise_level]
-            lr_aug = torch.sqrt(a) * lr + torch.sqrt(1.0 - a) * batch.extra
-            model = make_model(pipe, cond, uncond, scale, lr_aug, settings.noise_level, settings)
-            latents = pipe.denoise(batch.start, model, gen.sampler, gen.steps, gen.eta, batch.generators,
-                                   lambda: bar.update(1))
-            rgb_out = pipe.decode(latents)[0][: 4 * h0, : 4 * w0]
+            def make_image():
+                # per input: the low-res augmentation noise first (as the reference), then the starting latents
+                noise = NoiseSource(gen.seed + (k if gen.seed_mode == "per-image" else 0), gen.seed_mode, device,
+                                    (pipe.latent_channels, h, w), extra_shape=(3, h, w))
+                noise.start(1)
+                batch = noise.batch(0, 1)
+                a = low_ac[settings.noise_level]
+                lr_aug = torch.sqrt(a) * lr + torch.sqrt(1.0 - a) * batch.extra
+                model = make_model(pipe, cond, uncond, scale, lr_aug, settings.noise_level, settings)
+                latents = pipe.denoise(batch.start, model, gen.sampler, gen.steps, gen.eta, batch.generators,
+                                       lambda: bar.update(1))
+                return pipe.decode(checked_latents(pipe, latents))[0][: 4 * h0, : 4 * w0], batch.seeds[0]
+
+            rgb_out, seed = with_fallbacks(pipe, None, make_image, say)
             meta = dict(base_metadata(pipe, gen, "upscale", scale, 4 * w0, 4 * h0), prompt=prompt,
-                        seed=batch.seeds[0], noise_level=settings.noise_level, input_image=str(path),
+                        seed=seed, noise_level=settings.noise_level, input_image=str(path),
                         input_image_sha256=digest, input_size=f"{w0}x{h0}", tile=settings.tile,
                         notes=list(pipe.notes))
             saved = writer.save_sample(rgb_out, meta)

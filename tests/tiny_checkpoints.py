@@ -67,7 +67,7 @@ def tiny_config(family: str) -> dict[str, Any]:
     vae = dict(TINY_VAE, ch_mult=[1, 1, 1]) if family == "x4" else dict(TINY_VAE)
     params["first_stage_config"] = {
         "target": "ldm.models.autoencoder.AutoencoderKL",
-        "params": {"embed_dim": 4, "ddconfig": vae},
+        "params": {"embed_dim": 4, "ddconfig": vae, "lossconfig": {"target": "torch.nn.Identity"}},
     }
     params["cond_stage_config"] = cond
     return {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": params}}
