@@ -107,7 +107,7 @@ def parse_safetensors_header(head: bytes, file_size: int) -> dict[str, dict[str,
         spans.append((begin, end, name))
         tensors[name] = info
     spans.sort()
-    for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
+    for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:], strict=False):
         if b1 < e0:
             raise ValueError(f"tensors {n0!r} and {n1!r} overlap")
     return tensors

@@ -22,8 +22,8 @@ from sdgen.device import PRECISION_CHOICES
 from sdgen.errors import InputError, SdgenError
 from sdgen.request import (
     DEFAULT_SEED_MODE,
-    DEFAULT_STRENGTH,
     DEFAULT_STEPS,
+    DEFAULT_STRENGTH,
     MAX_SEED,
     SEED_MODES,
     GenerationRequest,
@@ -43,7 +43,7 @@ class Terminated(Exception):
     """SIGTERM, turned into an exception so that the same clean-up as Ctrl-C runs."""
 
 
-def _on_sigterm(signum, frame):  # noqa: ARG001
+def _on_sigterm(signum, frame):
     raise Terminated()
 
 
@@ -105,7 +105,8 @@ model_options = _options(
 )
 
 sampling_options = _options(
-    click.option("--negative-prompt", "--negative_prompt", "negative_prompt", default="", help="What to steer away from."),
+    click.option("--negative-prompt", "--negative_prompt", "negative_prompt", default="",
+                 help="What to steer away from."),
     click.option("--steps", "--ddim_steps", "steps", type=int, default=DEFAULT_STEPS, show_default=True,
                  help="Denoising steps."),
     click.option("--sampler", type=click.Choice(SAMPLER_NAMES), default=None,
@@ -132,7 +133,8 @@ sampling_options = _options(
 output_options = _options(
     click.option("--skip_grid", "--skip-grid", "skip_grid", is_flag=True, help="Do not save a grid."),
     click.option("--skip_save", "--skip-save", "skip_save", is_flag=True, help="Do not save single images."),
-    click.option("--n_rows", "--n-rows", "n_rows", type=int, default=0, help="Images per grid row (default n_samples)."),
+    click.option("--n_rows", "--n-rows", "n_rows", type=int, default=0,
+                 help="Images per grid row (default n_samples)."),
     click.option("--no-watermark", "no_watermark", is_flag=True,
                  help="Do not embed the invisible watermark of the reference scripts."),
     click.option("-q", "--quiet", is_flag=True, help="No progress bar or notices; only the written paths."),
@@ -158,7 +160,9 @@ def _sampler(sampler: str | None, plms: bool, dpm: bool) -> str:
     return chosen[0] if chosen else "ddim"
 
 
-def _prompts(prompt_arg: str | None, prompt_opt: str | None, from_file: Path | None, repeat: int) -> tuple[list[str], bool]:
+def _prompts(
+    prompt_arg: str | None, prompt_opt: str | None, from_file: Path | None, repeat: int
+) -> tuple[list[str], bool]:
     if prompt_arg and prompt_opt and prompt_arg != prompt_opt:
         raise click.UsageError("give the prompt either as an argument or with --prompt, not both")
     if from_file is not None:

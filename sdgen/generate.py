@@ -56,7 +56,9 @@ def checked_latents(pipe: Pipeline, latents):
     raise ModelOutputError("the UNet produced NaN/inf values even in fp32: the checkpoint's weights are broken")
 
 
-def with_fallbacks(pipe: Pipeline, noise: NoiseSource | None, make_batch: Callable[[], Any], say: Callable[[str], None]):
+def with_fallbacks(
+    pipe: Pipeline, noise: NoiseSource | None, make_batch: Callable[[], Any], say: Callable[[str], None]
+):
     """Run one batch; on CUDA out-of-memory step down the memory ladder, on a half-precision overflow move
     the UNet to fp32, and redo the batch with the same random numbers. Images already saved stay saved."""
     from sdgen.memory import free_cached_memory, is_out_of_memory

@@ -45,7 +45,9 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def fit_size(img: Image.Image, width: int | None, height: int | None, multiple: int = 8) -> tuple[Image.Image, str | None]:
+def fit_size(
+    img: Image.Image, width: int | None, height: int | None, multiple: int = 8
+) -> tuple[Image.Image, str | None]:
     """Resize to -W/-H if given, else round the image's own size down to a multiple of 8.
     Returns the image and a sentence saying what was done (None if nothing)."""
     w0, h0 = img.size

@@ -73,7 +73,7 @@ class Pipeline:
     def encode(self, prompts: list[str], warn: Callable[[str], None] | None = None) -> torch.Tensor:
         ids, lengths = tokenize(prompts, self.pad_id)
         if warn:
-            for prompt, n in zip(prompts, lengths):
+            for prompt, n in zip(prompts, lengths, strict=True):
                 if n > CONTEXT_LENGTH:
                     warn(f"prompt cut to {CONTEXT_LENGTH - 2} of its {n - 2} tokens: {prompt[:60]!r}...")
         tokens = torch.tensor(ids, device=self.placement.device)

@@ -12,9 +12,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_checkpoints import write_tiny  # noqa: E402
+from tiny_checkpoints import write_tiny
 
-from sdgen.cli import cli  # noqa: E402
+from sdgen.cli import cli
 
 NETWORK_ATTEMPTS: list[str] = []
 

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from conftest import gradient_image, pixels
 from PIL import Image
-
 from test_errors import assert_one_line_error
 
 FAST = ("--steps", "4")

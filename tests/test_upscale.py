@@ -8,9 +8,9 @@ import json
 import numpy as np
 from conftest import gradient_image, pixels
 from PIL import Image
+from test_errors import assert_one_line_error
 
 from sdgen import watermark
-from test_errors import assert_one_line_error
 
 FAST = ("--steps", "3")
 

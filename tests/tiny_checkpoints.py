@@ -9,7 +9,6 @@ GroupNorm is hard-coded to 32 groups in LDM, hence channel counts of 32 and 64.
 from __future__ import annotations
 
 import copy
-import pickle
 import sys
 import types
 from pathlib import Path
@@ -258,7 +257,10 @@ def schedule_buffers(params: dict) -> dict[str, torch.Tensor]:
     betas = np.linspace(params["linear_start"] ** 0.5, params["linear_end"] ** 0.5, 1000, dtype=np.float64) ** 2
     ac = np.cumprod(1.0 - betas)
     prev = np.append(1.0, ac[:-1])
-    f32 = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
+
+    def f32(a):
+        return torch.tensor(a, dtype=torch.float32)
+
     return {
         "betas": f32(betas), "alphas_cumprod": f32(ac), "alphas_cumprod_prev": f32(prev),
         "sqrt_alphas_cumprod": f32(np.sqrt(ac)), "sqrt_one_minus_alphas_cumprod": f32(np.sqrt(1 - ac)),
@@ -307,7 +309,7 @@ def _fake_lightning_module() -> tuple[type, list[str]]:
     mods = [types.ModuleType(n) for n in names]
     cls = type("ModelCheckpoint", (), {"__module__": names[-1]})
     mods[-1].ModelCheckpoint = cls
-    for n, m in zip(names, mods):
+    for n, m in zip(names, mods, strict=True):
         sys.modules.setdefault(n, m)
     return sys.modules[names[-1]].ModelCheckpoint, names
 
