@@ -49,6 +49,7 @@ class Pipeline:
     config_source: str
     notes: list[str] = field(default_factory=list)  # what had to be done differently (fp32 fallbacks)
     memory: MemoryPlan | None = None
+    low_res_schedule: Schedule | None = None  # x4 upscaler: the noise augmentation's schedule
 
     def __post_init__(self) -> None:
         if self.memory is None:

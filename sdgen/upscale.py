@@ -109,7 +109,7 @@ def upscale(pipe: Pipeline, gen: GenerationRequest, out: OutputRequest, settings
     writer = ImageWriter(out.outdir, pipe.family, out.watermark, say=say)
     writer.prepare()
     # the low-resolution image's noise-augmentation schedule (the yaml's low_scale_config)
-    low_ac = Schedule(0.0001, 0.02).alphas_cumprod().to(pipe.placement.device)
+    low_ac = (pipe.low_res_schedule or Schedule(0.0001, 0.02)).alphas_cumprod().to(pipe.placement.device)
     pipe.vae.enable_tiling()
     pipe.vae.tile_latent_min_size = max(settings.tile, UNET_MULTIPLE) if settings.tile > 0 else 1 << 30
     pipe.vae.tile_sample_min_size = pipe.vae.tile_latent_min_size * pipe.vae_factor

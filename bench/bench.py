@@ -1,0 +1,737 @@
+#!/usr/bin/env python
+"""Benchmark sdgen against stock diffusers on FULL-SIZE Stable Diffusion architectures with random weights.
+
+Speed does not depend on the weights' values, so no real checkpoint is needed: the script writes a random
+state dict in the ORIGINAL LDM key layout (the layout functions of tests/tiny_checkpoints.py applied to
+sdgen's shipped full-size yamls) as a .safetensors file in a cache folder (reused when present), and loads
+it through sdgen's real loader (sdgen.loader.load). Then, in one process and interleaved (sdgen, diffusers,
+sdgen, diffusers, ...):
+
+  sdgen      sdgen.generate.txt2img on the loaded Pipeline (ddim, nothing saved: skip_save/skip_grid)
+  diffusers  a stock diffusers StableDiffusionPipeline built from the SAME UNet/VAE/text-encoder modules,
+             with a stock DDIMScheduler (scaled_linear 0.00085..0.012, steps_offset 1, set_alpha_to_one
+             False, epsilon or v_prediction), output_type="np"
+
+Same prompt, steps, size, batch and guidance (7.5). Timings come from hooks on the shared modules (the same
+for both pipelines): per-step time = (end of the last UNet call - start of the first) / steps, fixed cost =
+total - denoising span (text encoder, latents, VAE decode, post-processing). On the CPU run few steps
+(--steps 2) and read the extrapolation: s/image(N) = per-step x N + fixed.
+
+--upscale (or --model x4) times sdgen's tiled x4 upscale (sdgen.upscale.upscale, as `sdgen upscale` runs
+it: PNG with watermark written) of a --size input (default 512 -> 2048) and extrapolates to 75 steps;
+--single-tile times only one UNet tile call and one VAE decoder tile and extrapolates from them.
+
+Examples:
+  python bench/bench.py --model sd15 --device cpu --steps 2 --repeats 2
+  python bench/bench.py --model sd15 --device cpu --precision bf16 --steps 2
+  python bench/bench.py --model sd2v --device cuda --precision fp16 --steps 50 --repeats 5
+  python bench/bench.py --model sd15 --device cuda --memory-fraction 0.25     # simulate a ~20 GiB card on 80
+  python bench/bench.py --upscale --device cpu --steps 1
+  python bench/bench.py --upscale --device cpu --single-tile
+
+Peak memory: CUDA torch.cuda.max_memory_allocated (reset before each run); CPU the process's peak RSS during
+the run (VmHWM, reset before each run through /proc/self/clear_refs; where that is not possible, a sampling
+thread, else resource.getrusage's lifetime peak, marked as such). Both pipelines share the weights, so the
+CPU figure is weights + that run's working memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+MODELS = {  # bench name -> (sdgen family, v-prediction, native size)
+    "sd15": ("sd1", False, 512),
+    "sd2v": ("sd2", True, 768),
+    "x4": ("x4", True, 512),
+}
+# text encoders of the real checkpoints: (layout, width, layers); MLP = 4 x width
+TEXT_ENCODERS = {"sd1": ("clip", 768, 12), "sd2": ("openclip", 1024, 24), "x4": ("openclip", 1024, 24)}
+GUIDANCE = 7.5
+
+
+# ---- random full-size checkpoints ---------------------------------------------------------------------
+
+def _layouts():
+    """The original-layout generators, shared with sdgen's tests (one source of truth for key names)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    try:
+        import tiny_checkpoints as tc
+    finally:
+        sys.path.pop(0)
+    return tc
+
+
+def checkpoint_shapes(model: str) -> dict[str, tuple]:
+    from sdgen.families import shipped_config
+
+    tc = _layouts()
+    family, v, _ = MODELS[model]
+    config, _ = shipped_config(family, v)
+    params = config["model"]["params"]
+    shapes: dict[str, tuple] = {}
+    shapes.update({"model.diffusion_model." + k: s for k, s in tc.unet_layout(params["unet_config"]["params"]).items()})
+    ddconfig = params["first_stage_config"]["params"]["ddconfig"]
+    embed_dim = params["first_stage_config"]["params"].get("embed_dim", 4)
+    shapes.update({"first_stage_model." + k: s for k, s in tc.vae_layout(ddconfig, embed_dim).items()})
+    kind, width, layers = TEXT_ENCODERS[family]
+    if kind == "clip":
+        shapes.update({"cond_stage_model.transformer." + k: s for k, s in tc.clip_layout(width, layers).items()})
+    else:
+        shapes.update({"cond_stage_model.model." + k: s for k, s in tc.openclip_layout(width, layers).items()})
+    return shapes
+
+
+def ensure_checkpoint(model: str, cache: Path, dtype_name: str, log) -> Path:
+    """The random full-size checkpoint for ``model``, written once (its name hashes the layout)."""
+    import torch
+
+    from sdgen.families import shipped_config
+
+    shapes = checkpoint_shapes(model)
+    digest = hashlib.sha256(json.dumps(sorted((k, list(v)) for k, v in shapes.items())).encode()).hexdigest()[:10]
+    tag = "-768-v" if model == "sd2v" else ""
+    path = cache / f"bench-{model}{tag}-random-{dtype_name}-{digest}.safetensors"
+    if path.is_file():
+        return path
+    from safetensors.torch import save_file
+
+    tc = _layouts()
+    dtype = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    n_params = sum(int(torch.Size(s).numel()) for s in shapes.values())
+    log(f"bench: writing {path.name}: {len(shapes)} tensors, {n_params / 1e6:.0f}M parameters ({dtype_name})")
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for name, shape in shapes.items():
+        # as tests/tiny_checkpoints.random_state_dict: norms ~1, biases ~0, weights ~N(0, 1/fan_in): finite
+        # activations through the full depth (sdgen rejects NaN/inf latents or pixels)
+        if name.endswith("bias") or len(shape) <= 1:
+            base = 1.0 if (name.endswith("weight") and len(shape) == 1) else 0.0
+            t = base + 0.02 * torch.randn(shape, generator=g)
+        else:
+            fan_in = int(torch.Size(shape[1:]).numel())
+            t = torch.randn(shape, generator=g) / max(fan_in, 1) ** 0.5
+        sd[name] = t.to(dtype).contiguous()
+    family, v, _ = MODELS[model]
+    params = shipped_config(family, v)[0]["model"]["params"]
+    sd.update(tc.schedule_buffers(params))
+    if "low_scale_config" in params:
+        low = params["low_scale_config"]["params"]["noise_schedule_config"]
+        sd.update({f"low_scale_model.{k}": t for k, t in tc.schedule_buffers(dict(low)).items()})
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    save_file(sd, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def bench_input_png(cache: Path, size: int) -> Path:
+    """A deterministic, smooth-ish RGB test image (content does not change the speed)."""
+    import numpy as np
+    from PIL import Image
+
+    path = cache / f"bench-input-{size}.png"
+    if not path.is_file():
+        rng = np.random.default_rng(0)
+        small = rng.integers(0, 256, (max(size // 16, 1), max(size // 16, 1), 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize((size, size), Image.BICUBIC)
+        cache.mkdir(parents=True, exist_ok=True)
+        img.save(path)
+    return path
+
+
+# ---- measuring -------------------------------------------------------------------------------------------
+
+def _proc_status_kb(field_name: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def rss_bytes() -> int | None:
+    kb = _proc_status_kb("VmRSS")
+    return None if kb is None else kb * 1024
+
+
+class CpuPeak:
+    """The process's peak RSS over a block: VmHWM reset through /proc/self/clear_refs, else a sampler thread,
+    else getrusage's lifetime peak (``exact`` says which)."""
+
+    def __enter__(self):
+        self.before = rss_bytes()
+        self.method = "VmHWM"
+        self._stop = None
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            if self.before is not None:
+                self.method = "sampled RSS (10 ms)"
+                self._max = self.before
+                self._stop = threading.Event()
+                self._thread = threading.Thread(target=self._sample, daemon=True)
+                self._thread.start()
+            else:
+                self.method = "ru_maxrss (process lifetime)"
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.01):
+            self._max = max(self._max, rss_bytes() or 0)
+
+    def __exit__(self, *exc):
+        if self.method == "VmHWM":
+            self.peak = (_proc_status_kb("VmHWM") or 0) * 1024
+        elif self._stop is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self._max, rss_bytes() or 0)
+        else:
+            r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            self.peak = r if sys.platform == "darwin" else r * 1024
+        return False
+
+
+class CudaPeak:
+    def __init__(self, device):
+        self.device = device
+        self.method = "torch.cuda.max_memory_allocated"
+
+    def __enter__(self):
+        import torch
+
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.before = torch.cuda.memory_allocated(self.device)
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.cuda.synchronize(self.device)
+        self.peak = torch.cuda.max_memory_allocated(self.device)
+        return False
+
+
+class Probe:
+    """Wall-clock intervals of the shared modules' calls: UNet forward, text encoder forward, VAE decode.
+    Installed once; both pipelines call the same modules, so both are measured the same way. On CUDA every
+    boundary synchronizes (a few microseconds per call, the same for both)."""
+
+    def __init__(self, unet, text_encoder, vae, cuda: bool):
+        import torch
+
+        self.cuda = cuda
+        self._sync = torch.cuda.synchronize if cuda else (lambda: None)
+        self.events: dict[str, list[tuple[float, float]]] = {}
+        self._open: dict[str, list[float]] = {}
+        for name, module in (("unet", unet), ("text_encoder", text_encoder)):
+            module.register_forward_pre_hook(self._pre(name))
+            module.register_forward_hook(self._post(name))
+        original = vae.decode
+
+        def decode(*args, **kwargs):
+            self._pre("vae_decode")(None, None)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._post("vae_decode")(None, None, None)
+
+        vae.decode = decode  # instance attribute: sdgen and diffusers both call vae.decode(...)
+
+    def _pre(self, name):
+        def hook(module, args):
+            self._sync()
+            self._open.setdefault(name, []).append(time.perf_counter())
+
+        return hook
+
+    def _post(self, name):
+        def hook(module, args, output):
+            self._sync()
+            start = self._open[name].pop()
+            self.events.setdefault(name, []).append((start, time.perf_counter()))
+
+        return hook
+
+    def reset(self):
+        self.events, self._open = {}, {}
+
+    def total(self, name) -> float:
+        return sum(b - a for a, b in self.events.get(name, []))
+
+    def calls(self, name) -> int:
+        return len(self.events.get(name, []))
+
+    def span(self, name) -> float:
+        ev = self.events.get(name, [])
+        return ev[-1][1] - ev[0][0] if ev else 0.0
+
+
+@dataclass
+class Run:
+    pipeline: str
+    total_s: float
+    images: int
+    steps: int  # denoising iterations (UNet evaluations of the whole latent batch)
+    denoise_s: float  # first UNet call start -> last UNet call end
+    unet_s: float  # time inside UNet calls
+    encode_s: float
+    decode_s: float
+    peak_bytes: int
+    before_bytes: int | None
+    memory_method: str
+    error: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def per_step_s(self) -> float:
+        return self.denoise_s / self.steps if self.steps else float("nan")
+
+    @property
+    def fixed_s(self) -> float:
+        return self.total_s - self.denoise_s
+
+
+def timed(name: str, fn, probe: Probe, ctx, images: int, steps_of=lambda p: p.calls("unet")) -> Run:
+    import torch
+
+    from sdgen.memory import is_out_of_memory
+
+    probe.reset()
+    error = None
+    with ctx as mem:
+        if probe.cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        try:
+            fn()
+        except Exception as e:  # an OOM under --memory-fraction is a result, not a crash
+            if not is_out_of_memory(e):
+                raise
+            error = "out of memory"
+            del e
+            if probe.cuda:
+                torch.cuda.empty_cache()
+        if probe.cuda:
+            torch.cuda.synchronize()
+        t1 = time.perf_counter()
+    return Run(name, t1 - t0, images, steps_of(probe), probe.span("unet"), probe.total("unet"),
+               probe.total("text_encoder"), probe.total("vae_decode"), mem.peak, mem.before, mem.method, error)
+
+
+# ---- the two pipelines ---------------------------------------------------------------------------------
+
+def diffusers_pipeline(pipe, v_prediction: bool):
+    import copy
+
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from sdgen.tokenizer import clip_tokenizer
+
+    tokenizer = copy.deepcopy(clip_tokenizer())
+    tokenizer.model_max_length = 77
+    if pipe.pad_id == 0:  # SD 2.x's diffusers tokenizer pads with "!" (id 0), as open_clip.tokenize
+        tokenizer.pad_token = "!"
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+        prediction_type="v_prediction" if v_prediction else "epsilon",
+    )
+    dpipe = StableDiffusionPipeline(
+        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=tokenizer, unet=pipe.unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    dpipe.set_progress_bar_config(disable=True)
+    return dpipe
+
+
+def run_txt2img(args, log) -> dict:
+    import torch
+
+    from sdgen import generate, loader
+    from sdgen.request import GenerationRequest, LoadRequest, OutputRequest, validate
+
+    family, v, native = MODELS[args.model]
+    size = args.size or native
+    ckpt = ensure_checkpoint(args.model, args.cache_dir, args.ckpt_dtype, log)
+    t = time.perf_counter()
+    pipe = loader.load(LoadRequest(ckpt=ckpt, v_prediction=True if v else None, device=args.device,
+                                   precision=args.precision), expect=(family,), say=log)
+    load_s = time.perf_counter() - t
+    cuda = pipe.placement.torch_device.type == "cuda"
+    probe = Probe(pipe.unet, pipe.text_encoder, pipe.vae, cuda)
+    dpipe = diffusers_pipeline(pipe, v)
+    prompt = args.prompt
+    gen = GenerationRequest(batches=((prompt,) * args.batch,), steps=args.steps, sampler="ddim", scale=GUIDANCE,
+                            height=size, width=size, seed=1, n_samples=args.batch)
+    validate(gen)
+    outdir = Path(tempfile.mkdtemp(prefix="sdgen-bench-"))
+    out = OutputRequest(outdir=outdir, skip_grid=True, skip_save=True, watermark=False, quiet=True)
+    notes: list[str] = []
+
+    def sdgen_once():
+        generate.txt2img(pipe, gen, out, say=lambda m: notes.append(m), emit=lambda p: None)
+
+    def diffusers_once():
+        if pipe.memory.offloads_models or pipe.memory.level >= 4:
+            raise RuntimeError("skipped")
+        g = torch.Generator("cpu").manual_seed(1)
+        dpipe([prompt] * args.batch, height=size, width=size, num_inference_steps=args.steps,
+              guidance_scale=GUIDANCE, generator=g, output_type="np")
+
+    def memctx():
+        return CudaPeak(pipe.placement.torch_device) if cuda else CpuPeak()
+
+    runners = [("sdgen", sdgen_once), ("diffusers", diffusers_once)]
+    if args.only != "both":
+        runners = [r for r in runners if r[0] == args.only]
+    runs: list[Run] = []
+    for rep in range(args.warmup + args.repeats):
+        for name, fn in runners:
+            try:
+                run = timed(name, fn, probe, memctx(), args.batch)
+            except RuntimeError as e:
+                if str(e) != "skipped":
+                    raise
+                run = Run(name, float("nan"), args.batch, 0, 0, 0, 0, 0, 0, None, "", "skipped: sdgen offloads")
+            run.extra["warmup"] = rep < args.warmup
+            run.extra["sdgen_memory_level"] = pipe.memory.level
+            runs.append(run)
+            log(f"bench: {'warmup ' if rep < args.warmup else ''}{name}: {run.total_s:.2f} s, {run.steps} steps, "
+                f"per step {run.per_step_s:.3f} s, decode {run.decode_s:.2f} s, peak {_gib(run.peak_bytes)}"
+                + (f" [{run.error}]" if run.error else ""))
+    return {"kind": "txt2img", "model": args.model, "size": size, "load_s": load_s, "ckpt": str(ckpt),
+            "placement": pipe.placement.describe(), "notes": list(pipe.notes) + notes,
+            "memory_level": pipe.memory.level, "runs": runs}
+
+
+def run_upscale(args, log) -> dict:
+    import torch
+
+    from sdgen import loader
+    from sdgen import upscale as upscaling
+    from sdgen.request import GenerationRequest, LoadRequest, OutputRequest, validate
+    from sdgen.samplers import scheduler_steps
+
+    size = args.size or 512
+    ckpt = ensure_checkpoint("x4", args.cache_dir, args.ckpt_dtype, log)
+    png = bench_input_png(args.cache_dir, size)
+    t = time.perf_counter()
+    pipe = loader.load(LoadRequest(ckpt=ckpt, device=args.device, precision=args.precision), expect=("x4",), say=log)
+    load_s = time.perf_counter() - t
+    cuda = pipe.placement.torch_device.type == "cuda"
+    probe = Probe(pipe.unet, pipe.text_encoder, pipe.vae, cuda)
+    settings = upscaling.UpscaleSettings(noise_level=upscaling.DEFAULT_NOISE_LEVEL, tile=args.tile,
+                                         overlap=min(upscaling.TILE_OVERLAP, args.tile // 4))
+    padded = size + (-size) % upscaling.UNET_MULTIPLE
+    unet_tiles = (len(upscaling.tile_origins(padded, settings.tile, settings.overlap)) ** 2
+                  if settings.tile and padded > settings.tile else 1)
+    # diffusers' AutoencoderKL.tiled_decode (as sdgen configures it): tiles of tile_latent_min_size latents
+    # every int(tile * (1 - 0.25)) latents, including partial tiles at the far edges
+    vae_tile = max(settings.tile, upscaling.UNET_MULTIPLE) if settings.tile > 0 else padded
+    vae_stride = int(vae_tile * (1 - 0.25))
+    vae_tiles = len(range(0, padded, vae_stride)) ** 2 if padded > vae_tile else 1
+    memctx = (lambda: CudaPeak(pipe.placement.torch_device)) if cuda else CpuPeak
+    info = {"kind": "upscale", "model": "x4", "size": size, "out_size": 4 * size, "tile": settings.tile,
+            "unet_tiles_per_step": unet_tiles, "vae_tiles": vae_tiles, "load_s": load_s, "ckpt": str(ckpt),
+            "placement": pipe.placement.describe()}
+
+    if args.single_tile:
+        # one UNet call on one tile with the CFG batch of 2, and one VAE decoder tile; then extrapolate
+        th = min(settings.tile or padded, padded)
+        dtype = pipe.unet.dtype
+        dev = pipe.placement.torch_device
+        with torch.no_grad():
+            cond = pipe.encode([args.prompt]).to(dtype)
+            x = torch.randn(2, 7, th, th, device=dev, dtype=dtype)
+            c = torch.cat([cond, cond])
+            t_in = torch.full((2,), 500, device=dev)
+            labels = torch.full((2,), settings.noise_level, dtype=torch.long, device=dev)
+            unet_runs, vae_runs = [], []
+            for i in range(args.warmup + args.repeats):
+                r = timed("unet tile", lambda: pipe.unet(x, t_in, encoder_hidden_states=c, class_labels=labels,
+                                                          return_dict=False), probe, memctx(), 1)
+                log(f"bench: {'warmup ' if i < args.warmup else ''}UNet tile {th}x{th} (batch 2): {r.total_s:.2f} s, "
+                    f"peak {_gib(r.peak_bytes)}")
+                if i >= args.warmup:
+                    unet_runs.append(r)
+            z = torch.randn(1, 4, vae_tile, vae_tile, device=dev, dtype=pipe.vae.dtype)
+            for _ in range(max(args.repeats, 1)):  # no warmup: one decoder tile is long on a CPU
+                r = timed("vae tile", lambda: pipe.vae.decoder(z), probe, memctx(), 1)
+                log(f"bench: VAE decoder tile {vae_tile}x{vae_tile} latents: {r.total_s:.2f} s, "
+                    f"peak {_gib(r.peak_bytes)}")
+                vae_runs.append(r)
+                if not cuda:
+                    break
+        info.update(mode="single-tile", unet_tile_runs=unet_runs, vae_tile_runs=vae_runs)
+        return info
+
+    gen = GenerationRequest(batches=((args.prompt,),), steps=args.steps, sampler="ddim", scale=9.0, seed=1)
+    validate(gen)
+    inputs = upscaling.load_inputs([png])
+    steps_run = scheduler_steps("ddim", args.steps)
+    runs = []
+    for i in range(args.warmup + args.repeats):
+        outdir = Path(tempfile.mkdtemp(prefix="sdgen-bench-up-"))
+        out = OutputRequest(outdir=outdir, skip_grid=True, watermark=True, quiet=True)
+        r = timed("sdgen upscale", lambda: upscaling.upscale(pipe, gen, out, settings, inputs, say=log,
+                                                           emit=lambda p: None),
+                  probe, memctx(), 1, steps_of=lambda p: steps_run)
+        r.extra.update(warmup=i < args.warmup, unet_calls=probe.calls("unet"),
+                       tile_call_median_s=statistics.median([b - a for a, b in probe.events.get("unet", [(0, 0)])]))
+        log(f"bench: {'warmup ' if i < args.warmup else ''}upscale: {r.total_s:.1f} s, {r.steps} steps x "
+            f"{unet_tiles} tiles, per step {r.per_step_s:.1f} s, VAE decode {r.decode_s:.1f} s, "
+            f"peak {_gib(r.peak_bytes)}" + (f" [{r.error}]" if r.error else ""))
+        runs.append(r)
+    info.update(mode="full", steps=args.steps, runs=runs, notes=list(pipe.notes), memory_level=pipe.memory.level)
+    return info
+
+
+# ---- report ---------------------------------------------------------------------------------------------
+
+def _gib(n: int | None) -> str:
+    return "n/a" if not n else f"{n / 2**30:.2f} GiB"
+
+
+def _med(xs):
+    xs = [x for x in xs if x == x]
+    return statistics.median(xs) if xs else float("nan")
+
+
+def environment(args) -> str:
+    import diffusers
+    import torch
+    import transformers
+
+    if args.device.startswith("cuda") and torch.cuda.is_available():
+        dev = torch.cuda.get_device_name()
+        if args.memory_fraction:
+            dev += f", memory fraction {args.memory_fraction}"
+    else:
+        cpu = platform.processor() or ""
+        try:
+            cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                       if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        dev = f"CPU {cpu}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}"
+    return (f"{dev}; torch {torch.__version__}, diffusers {diffusers.__version__}, "
+            f"transformers {transformers.__version__}, Python {platform.python_version()}")
+
+
+def report_txt2img(res: dict, args) -> str:
+    runs = [r for r in res["runs"] if not r.extra.get("warmup")]
+    n = args.extrapolate_to
+    lines = [
+        f"### {res['model']} txt2img, {res['size']}x{res['size']}, batch {args.batch}, {args.steps} steps (ddim), "
+        f"guidance {GUIDANCE}, {res['placement']}",
+        "",
+        f"Environment: {environment(args)}. Load through sdgen.loader: {res['load_s']:.1f} s. "
+        f"Median of {args.repeats} interleaved runs after {args.warmup} warm-up each.",
+        "",
+        f"| pipeline | s/image ({args.steps} steps) | it/s | s/step | fixed s (text+decode+other) | VAE decode s "
+        f"| est. s/image @ {n} steps | peak memory |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    summary = {}
+    for name in ("sdgen", "diffusers"):
+        rs = [r for r in runs if r.pipeline == name and r.error is None]
+        if not rs:
+            if any(r.pipeline == name for r in runs):
+                errs = {r.error for r in runs if r.pipeline == name}
+                lines.append(f"| {name} | {', '.join(sorted(errs))} | | | | | | |")
+            continue
+        s_img = _med([r.total_s / r.images for r in rs])
+        per_step = _med([r.per_step_s for r in rs])
+        fixed = _med([r.fixed_s for r in rs])
+        decode = _med([r.decode_s for r in rs])
+        est = (per_step * n + fixed) / args.batch
+        peak = max(r.peak_bytes for r in rs)
+        summary[name] = (s_img, per_step, est, peak, fixed)
+        lines.append(f"| {name} | {s_img:.2f} | {1 / per_step:.3f} | {per_step:.3f} | {fixed:.2f} | {decode:.2f} | "
+                     f"{est:.1f} | {_gib(peak)} |")
+    if len(summary) == 2:
+        a, b = summary["sdgen"], summary["diffusers"]
+        lines.append(f"| **sdgen / diffusers** | {a[0] / b[0]:.3f} | {b[1] / a[1]:.3f} | {a[1] / b[1]:.3f} | "
+                     f"{a[4] / b[4]:.3f} | | {a[2] / b[2]:.3f} | {a[3] / b[3]:.3f} |")
+    method = next((r.memory_method for r in runs if r.memory_method), "")
+    lines += [
+        "",
+        f"it/s = denoising iterations per second (one UNet call on the CFG batch of {2 * args.batch}). "
+        f"Extrapolation: est. s/image @ {n} = (s/step x {n} + fixed) / batch, fixed = total - denoising span. "
+        f"Peak memory: {method}"
+        + (" (process RSS, includes the shared weights)." if "cuda" not in method else "."),
+    ]
+    if res["notes"] or res["memory_level"]:
+        lines.append(f"sdgen notes: {res['notes']}; OOM ladder level {res['memory_level']} (the UNet/VAE settings "
+                     "it changed are shared with the diffusers runs).")
+    return "\n".join(lines)
+
+
+def report_upscale(res: dict, args) -> str:
+    n = args.extrapolate_to
+    head = (f"### x4 upscale {res['size']}x{res['size']} -> {res['out_size']}x{res['out_size']}, tile {res['tile']} "
+            f"({res['unet_tiles_per_step']} UNet tiles/step, CFG batch 2; {res['vae_tiles']} VAE decoder tiles), "
+            f"{res['placement']}")
+    lines = [head, "", f"Environment: {environment(args)}. Load through sdgen.loader: {res['load_s']:.1f} s.", ""]
+    if res["mode"] == "single-tile":
+        u = _med([r.total_s for r in res["unet_tile_runs"]])
+        v = _med([r.total_s for r in res["vae_tile_runs"]])
+        step = u * res["unet_tiles_per_step"]
+        decode = v * res["vae_tiles"]
+        peak = max(r.peak_bytes for r in res["unet_tile_runs"] + res["vae_tile_runs"])
+        lines += [
+            "| measured | s | extrapolated | s |",
+            "|---|---|---|---|",
+            f"| one UNet tile call (batch 2) | {u:.2f} | one step = {res['unet_tiles_per_step']} tiles | {step:.1f} |",
+            f"| one VAE decoder tile | {v:.2f} | tiled decode = {res['vae_tiles']} tiles (upper bound: edge tiles "
+            f"are smaller) | {decode:.1f} |",
+            f"| peak memory | {_gib(peak)} | {n} steps + decode | {step * n + decode:.0f} |",
+            "",
+            f"Extrapolation: {n} x {res['unet_tiles_per_step']} x UNet tile + {res['vae_tiles']} x VAE tile "
+            "(text encoder, blending and PNG writing not included).",
+        ]
+        return "\n".join(lines)
+    runs = [r for r in res["runs"] if not r.extra.get("warmup")] or res["runs"]
+    per_step = _med([r.per_step_s for r in runs])
+    tile = _med([r.extra["tile_call_median_s"] for r in runs])
+    decode = _med([r.decode_s for r in runs])
+    fixed = _med([r.fixed_s for r in runs])
+    total = _med([r.total_s for r in runs])
+    peak = max(r.peak_bytes for r in runs)
+    lines += [
+        f"| steps run | total s | s/step | s/UNet tile call | VAE decode s | other fixed s | est. s @ {n} steps "
+        "| peak memory |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| {runs[0].steps} | {total:.1f} | {per_step:.1f} | {tile:.2f} | {decode:.1f} | {fixed - decode:.1f} | "
+        f"{per_step * n + fixed:.0f} | {_gib(peak)} |",
+        "",
+        f"Extrapolation: est. = s/step x {n} + fixed; fixed = total - denoising span = VAE decode + other (text "
+        "encoder, noise, PNG + watermark). Peak memory: " + runs[0].memory_method + ".",
+    ]
+    if res.get("notes") or res.get("memory_level"):
+        lines.append(f"sdgen notes: {res['notes']}; OOM ladder level {res['memory_level']}.")
+    return "\n".join(lines)
+
+
+# ---- main -----------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="bench.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Time sdgen against stock diffusers on full-size SD architectures with random weights "
+                    "(weights written once to a cache folder, loaded through sdgen's loader).",
+        epilog="Examples:" + __doc__.split("Examples:", 1)[1].split("Peak memory:")[0].rstrip(),
+    )
+    p.add_argument("--model", choices=sorted(MODELS), default="sd15",
+                   help="sd15 (SD 1.5: UNet 860M, VAE, CLIP-L), sd2v (SD 2.x 768-v, OpenCLIP-H), x4 (implies "
+                        "--upscale). Default sd15.")
+    p.add_argument("--upscale", action="store_true", help="Time sdgen's tiled x4 upscale instead of txt2img.")
+    p.add_argument("--single-tile", action="store_true",
+                   help="--upscale: time one UNet tile call and one VAE decoder tile only, and extrapolate.")
+    p.add_argument("--device", default=None, help="cpu or cuda (cuda:N). Default: cuda if available, else cpu.")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="Default fp16 on CUDA, fp32 on the CPU (sdgen refuses fp16 on the CPU).")
+    p.add_argument("--steps", type=int, default=None,
+                   help="Denoising steps timed. Default: txt2img 50 on CUDA, 2 on CPU; upscale 75 on CUDA, 1 on CPU.")
+    p.add_argument("--extrapolate-to", type=int, default=None,
+                   help="Steps to extrapolate to (default 50 txt2img, 75 upscale).")
+    p.add_argument("--size", type=int, default=None,
+                   help="Image side in pixels (txt2img; default the model's native 512/768) or the upscale input "
+                        "side (default 512 -> 2048).")
+    p.add_argument("--batch", type=int, default=1, help="Images per batch (txt2img). Default 1.")
+    p.add_argument("--repeats", type=int, default=None, help="Timed runs per pipeline (default 3 CUDA, 2 CPU; "
+                                                             "upscale 1).")
+    p.add_argument("--warmup", type=int, default=None, help="Untimed runs per pipeline first (default 1; CPU "
+                                                            "upscale 0).")
+    p.add_argument("--tile", type=int, default=128, help="Upscale tile in input pixels (sdgen's default 128).")
+    p.add_argument("--memory-fraction", type=float, default=None,
+                   help="CUDA only: torch.cuda.set_per_process_memory_fraction(F), to simulate a smaller card.")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU). Default: torch's.")
+    p.add_argument("--only", choices=("both", "sdgen", "diffusers"), default="both", help="Which pipelines.")
+    p.add_argument("--prompt", default="a photograph of an astronaut riding a horse, highly detailed")
+    p.add_argument("--ckpt-dtype", choices=("fp16", "fp32", "bf16"), default="fp16",
+                   help="dtype of the random checkpoint file (sdgen casts on load). Default fp16 (half the disk).")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="Where the random checkpoints live (default $SDGEN_BENCH_CACHE, else "
+                        "$XDG_CACHE_HOME/sdgen-bench, else ~/.cache/sdgen-bench).")
+    p.add_argument("--json", type=Path, default=None, help="Also write the raw results here.")
+    p.add_argument("--markdown", type=Path, default=None, help="Also write the Markdown report here.")
+    args = p.parse_args(argv)
+    if args.model == "x4":
+        args.upscale = True
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        sys.exit("bench.py: --device cuda but CUDA is not available")
+    if args.precision is None:
+        args.precision = "fp16" if cuda else "fp32"
+    if args.upscale and args.model != "x4":
+        args.model = "x4"
+    if args.steps is None:
+        args.steps = (75 if cuda else 1) if args.upscale else (50 if cuda else 2)
+    if args.extrapolate_to is None:
+        args.extrapolate_to = 75 if args.upscale else 50
+    if args.repeats is None:
+        args.repeats = 1 if args.upscale else (3 if cuda else 2)
+    if args.warmup is None:
+        args.warmup = 0 if (args.upscale and not cuda and not args.single_tile) else 1
+    if args.cache_dir is None:
+        base = os.environ.get("SDGEN_BENCH_CACHE") or (
+            Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdgen-bench")
+        args.cache_dir = Path(base)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_fraction is not None:
+        if not cuda:
+            sys.exit("bench.py: --memory-fraction is for CUDA only")
+        torch.cuda.set_per_process_memory_fraction(args.memory_fraction)
+    if cuda:
+        torch.cuda.init()
+
+    res = run_upscale(args, log) if args.upscale else run_txt2img(args, log)
+    text = report_upscale(res, args) if args.upscale else report_txt2img(res, args)
+    command = "python bench/bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    text = f"`{command}`\n\n{text}\n"
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text)
+    if args.json:
+        def enc(o):
+            if isinstance(o, Run):
+                return dict(asdict(o), per_step_s=o.per_step_s, fixed_s=o.fixed_s)
+            return str(o)
+
+        args.json.write_text(json.dumps(dict(res, args={k: str(v) for k, v in vars(args).items()}), default=enc,
+                                        indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
