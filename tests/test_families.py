@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sdgen.families import SD1, SD2, X4, V_PREDICTION_PROBE_KEY, decide_v_prediction, shipped_config
+from sdgen.families import SD1, SD2, V_PREDICTION_PROBE_KEY, X4, decide_v_prediction, shipped_config
 
 
 def test_sd2_768_in_the_name_means_v_else_epsilon():
