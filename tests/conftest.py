@@ -59,25 +59,36 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-@pytest.fixture(scope="session")
-def tiny_diffusers(tiny, tmp_path_factory) -> Path:
-    """A diffusers folder holding the same tiny SD 1.x model (saved from sdgen's own conversion)."""
+def save_as_diffusers(ckpt: Path, folder: Path) -> Path:
+    """Write the model sdgen loads from ``ckpt`` as a diffusers folder (unet, vae, text_encoder, scheduler)."""
     import json
 
     from sdgen import loader
     from sdgen.request import LoadRequest
 
-    pipe = loader.load(LoadRequest(ckpt=tiny["sd1.safetensors"], device="cpu"), say=lambda m: None)
-    folder = tmp_path_factory.mktemp("diffusers") / "tiny-sd1-diffusers"
+    pipe = loader.load(LoadRequest(ckpt=ckpt, device="cpu"), expect=("sd1", "sd2", "x4"), say=lambda m: None)
     pipe.unet.save_pretrained(folder / "unet")
     pipe.vae.save_pretrained(folder / "vae")
     pipe.text_encoder.save_pretrained(folder / "text_encoder")
+    s = pipe.schedule
     (folder / "scheduler").mkdir()
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({
-        "_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000,
-        "prediction_type": "epsilon"}))
+        "_class_name": "DDIMScheduler", "beta_start": s.linear_start, "beta_end": s.linear_end,
+        "num_train_timesteps": s.timesteps,
+        "prediction_type": "v_prediction" if pipe.v_prediction else "epsilon"}))
+    if pipe.low_res_schedule is not None:
+        (folder / "low_res_scheduler").mkdir()
+        (folder / "low_res_scheduler" / "scheduler_config.json").write_text(json.dumps({
+            "_class_name": "DDPMScheduler", "beta_start": pipe.low_res_schedule.linear_start,
+            "beta_end": pipe.low_res_schedule.linear_end}))
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_diffusers(tiny, tmp_path_factory) -> Path:
+    """A diffusers folder holding the same tiny SD 1.x model (saved from sdgen's own conversion)."""
+    return save_as_diffusers(tiny["sd1.safetensors"], tmp_path_factory.mktemp("diffusers") / "tiny-sd1-diffusers")
 
 
 class Run:

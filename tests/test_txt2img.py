@@ -196,3 +196,14 @@ def test_random_seed_is_printed_and_recorded(sdgen, tiny):
     run = sdgen("txt2img", "x", "--ckpt", tiny["sd1.safetensors"], *SMALL)
     seed = meta(run.paths[0])[1]["seed"]
     assert f"seed {seed} " in run.stderr
+
+
+def test_sd2v_diffusers_folder_matches_single_file(sdgen, tiny, tmp_path):
+    from conftest import save_as_diffusers
+
+    folder = save_as_diffusers(tiny["sd2v.ckpt"], tmp_path / "sd2v-diffusers")
+    a = sdgen("txt2img", "x", "--ckpt", folder, *SMALL, "--seed", "3", "--outdir", tmp_path / "a")
+    assert a.code == 0, a
+    assert meta(a.paths[0])[1]["v_prediction"] is True and meta(a.paths[0])[1]["family"] == "sd2"
+    b = sdgen("txt2img", "x", "--ckpt", tiny["sd2v.ckpt"], *SMALL, "--seed", "3", "--outdir", tmp_path / "b")
+    assert np.abs(pixels(a.paths[0]).astype(int) - pixels(b.paths[0])).max() <= 1

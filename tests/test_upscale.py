@@ -89,3 +89,14 @@ def test_bad_input_image(sdgen, tiny, tmp_path):
     bad.write_bytes(b"\x89PNG\r\n\x1a\nnonsense")
     run = sdgen("upscale", bad, "--ckpt", tiny["x4.safetensors"])
     assert_one_line_error(run, 1, "bad.png")
+
+
+def test_upscaler_from_a_diffusers_folder_matches_the_single_file(sdgen, tiny, tmp_path):
+    from conftest import save_as_diffusers
+
+    folder = save_as_diffusers(tiny["x4.safetensors"], tmp_path / "x4-diffusers")
+    src = gradient_image(tmp_path / "a.png", 32, 32)
+    a = sdgen("upscale", src, "--ckpt", folder, *FAST, "--seed", "4", "--outdir", tmp_path / "a")
+    assert a.code == 0, a
+    b = sdgen("upscale", src, "--ckpt", tiny["x4.safetensors"], *FAST, "--seed", "4", "--outdir", tmp_path / "b")
+    assert np.abs(pixels(a.paths[0]).astype(int) - pixels(b.paths[0])).max() <= 1
