@@ -165,9 +165,13 @@ class Pipeline:
                              start_step=start)
 
     # 3. Decode ------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[np.ndarray]:
         """Latents -> HxWx3 uint8 images. A half-precision VAE that overflows is redone in fp32."""
+        return to_uint8(self.decode_float(latents))
+
+    @torch.no_grad()
+    def decode_float(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> float32 pixels in [-1, 1] (not yet clamped), on the device."""
         z = latents / self.vae.config.scaling_factor
         with self.memory.using("vae") as vae:
             x = vae.decode(z.to(vae.dtype), return_dict=False)[0]
@@ -179,6 +183,10 @@ class Pipeline:
         if not torch.isfinite(x).all():
             raise ModelOutputError("the VAE produced NaN/inf values even in fp32: the checkpoint's VAE weights "
                                    "are broken")
-        x = torch.clamp((x.float() + 1.0) / 2.0, 0.0, 1.0)
-        arrays = (255.0 * x.permute(0, 2, 3, 1).cpu().numpy()).astype(np.uint8)
-        return list(arrays)
+        return x.float()
+
+
+def to_uint8(x: torch.Tensor) -> list[np.ndarray]:
+    """The reference's conversion: 255 * clamp((x + 1) / 2), truncated by astype(np.uint8)."""
+    x = torch.clamp((x.float() + 1.0) / 2.0, 0.0, 1.0)
+    return list((255.0 * x.permute(0, 2, 3, 1).cpu().numpy()).astype(np.uint8))
