@@ -180,6 +180,17 @@ def _say(quiet: bool) -> Callable[[str], None]:
     return (lambda message: None) if quiet else (lambda message: click.echo(message, err=True))
 
 
+def _notices(quiet: bool) -> Callable[[str], None]:
+    """Notices during a run. --quiet drops the informational one (no watermark on small images) but keeps
+    those that say the run changed course (prompt cut, out of memory, fp32 fallback)."""
+
+    def notice(message: str) -> None:
+        if not (quiet and "too small for the invisible watermark" in message):
+            click.echo(message, err=True)
+
+    return notice
+
+
 def _emit(written: list[Path]) -> Callable[[Path], None]:
     def emit(path: Path) -> None:
         written.append(path)
@@ -347,7 +358,7 @@ def upscale(inputs, prompt, negative_prompt, noise_level, steps, scale, sampler,
         say = _say(quiet)
         pipe = loader.load(load_req, expect=("x4",), say=say)
         say(f"sdgen: seed {gen.seed} ({gen.seed_mode}), {sampler}, {steps} steps, noise level {noise_level}")
-        result = upscaling.upscale(pipe, gen, out, settings, loaded, say=lambda m: click.echo(m, err=True),
+        result = upscaling.upscale(pipe, gen, out, settings, loaded, say=_notices(quiet),
                                    emit=_emit(written))
         say(f"sdgen: {result.images} image(s) written")
 
@@ -361,8 +372,7 @@ def _run(mode: str, load_req: LoadRequest, gen: GenerationRequest, out: OutputRe
     pipe = loader.load(load_req, say=say)
     say(f"sdgen: seed {gen.seed} ({gen.seed_mode}), {gen.sampler}, {gen.steps} steps")
     run = functools.partial(getattr(generate, mode), pipe, gen, out)
-    result = run(say=lambda m: click.echo(m, err=True) if not out.quiet or "too small" not in m else None,
-                 emit=_emit(written))
+    result = run(say=_notices(out.quiet), emit=_emit(written))
     say(f"sdgen: {result.images} image(s), {len(result.paths)} file(s) written")
 
 
