@@ -207,3 +207,23 @@ def test_sd2v_diffusers_folder_matches_single_file(sdgen, tiny, tmp_path):
     assert meta(a.paths[0])[1]["v_prediction"] is True and meta(a.paths[0])[1]["family"] == "sd2"
     b = sdgen("txt2img", "x", "--ckpt", tiny["sd2v.ckpt"], *SMALL, "--seed", "3", "--outdir", tmp_path / "b")
     assert np.abs(pixels(a.paths[0]).astype(int) - pixels(b.paths[0])).max() <= 1
+
+
+def test_model_hash_is_a1111s_sha256_prefix(sdgen, tiny):
+    import hashlib
+
+    run = sdgen("txt2img", "x", "--ckpt", tiny["sd1.safetensors"], *SMALL)
+    expected = hashlib.sha256(tiny["sd1.safetensors"].read_bytes()).hexdigest()[:10]
+    assert f"Model hash: {expected}," in meta(run.paths[0])[0]
+
+
+def test_yaml_naming_hub_text_encoders_downloads_nothing(sdgen, tiny, tmp_path):
+    """The reference yamls name their text encoders by hub id; the weights come from the checkpoint."""
+    import yaml
+
+    config = yaml.safe_load(tiny["sd2.yaml"].read_text())
+    config["model"]["params"]["cond_stage_config"]["params"].update(arch="ViT-H-14", version="laion2b_s32b_b79k")
+    path = tmp_path / "hub-names.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run = sdgen("txt2img", "x", "--ckpt", tiny["sd2.safetensors"], "--config", path, *SMALL)
+    assert run.code == 0, run  # and the autouse fixture asserts that no connection was attempted
