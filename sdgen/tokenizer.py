@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import html
 import importlib.util
 from pathlib import Path
 
@@ -58,10 +59,26 @@ def clip_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=1_000_000)  # we cut to 77 ourselves
 
 
+def clean(text: str, unescape_html: bool) -> str:
+    """The references' text clean-up before BPE: ftfy's fix_text (both), HTML entities unescaped twice
+    (open_clip, SD 2.x), whitespace runs collapsed; lower-casing is the tokenizer's own."""
+    try:
+        import ftfy  # a dependency of open_clip_torch
+
+        text = ftfy.fix_text(text)
+    except ImportError:
+        pass
+    if unescape_html:
+        text = html.unescape(html.unescape(text))
+    return " ".join(text.split())
+
+
 def tokenize(prompts: list[str], pad_id: int) -> tuple[list[list[int]], list[int]]:
-    """Token ids padded/cut to 77 (start ... end, pad), and each prompt's untruncated length."""
+    """Token ids padded/cut to 77 (start ... end, pad), and each prompt's untruncated length.
+    pad_id 0 means the open_clip tokenizer of SD 2.x, whose clean-up also unescapes HTML."""
     tok = clip_tokenizer()
-    full = tok(prompts, add_special_tokens=True, truncation=False)["input_ids"]
+    cleaned = [clean(p, unescape_html=pad_id == 0) for p in prompts]
+    full = tok(cleaned, add_special_tokens=True, truncation=False)["input_ids"]
     ids = []
     for seq in full:
         if len(seq) > CONTEXT_LENGTH:

@@ -1,0 +1,31 @@
+"""The offline CLIP tokenizer against open_clip.tokenize (the SD 2.x reference) on awkward prompts."""
+
+from __future__ import annotations
+
+import pytest
+
+from sdgen.tokenizer import tokenize
+
+PROMPTS = [
+    "a hamster painting with a brush",
+    "Hello, World!! café naïve 123 don't",
+    "  multiple   spaces\tand\nnewlines ",
+    "emoji 🐹 &amp; <b>bold</b> &lt;3",
+    "mojibake: cafÃ©",
+    "word " * 100,
+    "",
+]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_same_ids_as_open_clip(prompt):
+    import open_clip
+
+    ids, _ = tokenize([prompt], pad_id=0)
+    assert ids[0] == open_clip.tokenize([prompt])[0].tolist()
+
+
+def test_sd1_pads_with_end_of_text():
+    ids, lengths = tokenize(["a cat"], pad_id=49407)
+    assert ids[0][:4] == [49406, 320, 2368, 49407] and set(ids[0][4:]) == {49407}
+    assert lengths == [4]
