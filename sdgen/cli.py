@@ -336,7 +336,7 @@ def upscale(inputs, prompt, negative_prompt, noise_level, steps, scale, sampler,
     """Make images 4x larger with the SD x4 upscaler (x4-upscaler-ema.safetensors or a diffusers folder).
 
     The VAE always decodes in fp32 (it overflows in fp16). Inputs larger than --tile pixels are processed in
-    overlapping, blended tiles so that a 512x512 input fits in 8 GiB of GPU memory.
+    overlapping, blended tiles, which bounds memory: a smaller --tile uses less.
     """
     from sdgen import upscale as upscaling
 
@@ -349,6 +349,8 @@ def upscale(inputs, prompt, negative_prompt, noise_level, steps, scale, sampler,
             raise InputError(f"--noise-level {noise_level}: must be between 0 and {upscaling.MAX_NOISE_LEVEL}")
         if tile != 0 and (tile < 32 or tile % 8):
             raise InputError(f"--tile {tile}: must be 0 (no tiling) or a multiple of 8, at least 32")
+        if ckpt is None:
+            raise click.UsageError("--ckpt is required: the x4 upscaler checkpoint (x4-upscaler-ema.safetensors)")
         settings = upscaling.UpscaleSettings(noise_level=noise_level, tile=tile, overlap=min(32, tile // 4))
         loaded = upscaling.load_inputs(list(inputs))
         load_req, out = _load_and_output(ckpt, config, v_prediction, device, precision, bf16, low_vram, outdir,

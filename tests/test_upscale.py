@@ -100,3 +100,9 @@ def test_upscaler_from_a_diffusers_folder_matches_the_single_file(sdgen, tiny, t
     assert a.code == 0, a
     b = sdgen("upscale", src, "--ckpt", tiny["x4.safetensors"], *FAST, "--seed", "4", "--outdir", tmp_path / "b")
     assert np.abs(pixels(a.paths[0]).astype(int) - pixels(b.paths[0])).max() <= 1
+
+
+def test_upscale_needs_a_checkpoint(sdgen, tmp_path):
+    src = gradient_image(tmp_path / "a.png", 32, 32)
+    run = sdgen("upscale", src)
+    assert run.code == 2 and "--ckpt is required" in run.stderr
