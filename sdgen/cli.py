@@ -220,27 +220,33 @@ prompt_options = _options(
 )
 
 
-def _generation(prompt_arg, prompt_opt, from_file, repeat, n_samples, n_iter, negative_prompt, steps, sampler, plms,
-                dpm, scale, eta, height, width, seed, seed_mode, fixed_code, **extras) -> GenerationRequest:
-    if repeat < 1:
-        raise click.BadParameter(f"{repeat} (must be at least 1)", param_hint="'--repeat'")
-    if n_iter < 1:
-        raise click.BadParameter(f"{n_iter} (must be at least 1)", param_hint="'--n_iter'")
-    prompts, is_file = _prompts(prompt_arg, prompt_opt, from_file, repeat)
+def _generation(o: dict, **extras) -> GenerationRequest:
+    """The per-image request from the options of txt2img/img2img (``o``: click's keyword arguments)."""
+    if o["repeat"] < 1:
+        raise click.BadParameter(f"{o['repeat']} (must be at least 1)", param_hint="'--repeat'")
+    if o["n_iter"] < 1:
+        raise click.BadParameter(f"{o['n_iter']} (must be at least 1)", param_hint="'--n_iter'")
+    prompts, is_file = _prompts(o["prompt_arg"], o["prompt_opt"], o["from_file"], o["repeat"])
     return GenerationRequest(
-        batches=plan_batches(prompts, max(n_samples, 1), n_iter, is_file), negative_prompt=negative_prompt,
-        steps=steps, sampler=_sampler(sampler, plms, dpm), scale=scale, eta=eta, height=height, width=width,
-        seed=_parse_seed(seed), seed_mode=seed_mode, fixed_code=fixed_code, n_samples=n_samples, extras=extras,
+        batches=plan_batches(prompts, max(o["n_samples"], 1), o["n_iter"], is_file),
+        negative_prompt=o["negative_prompt"], steps=o["steps"], sampler=_sampler(o["sampler"], o["plms"], o["dpm"]),
+        scale=o["scale"], eta=o["eta"], height=o["height"], width=o["width"], seed=_parse_seed(o["seed"]),
+        seed_mode=o["seed_mode"], fixed_code=o["fixed_code"], n_samples=o["n_samples"], extras=extras,
     )
 
 
-def _load_and_output(ckpt, config, v_prediction, device, precision, bf16, low_vram, outdir, skip_grid, skip_save,
-                     n_rows, no_watermark, quiet) -> tuple[LoadRequest, OutputRequest]:
-    load_req = LoadRequest(ckpt=ckpt, config=config, v_prediction=v_prediction, device=device,
-                           precision="bf16" if bf16 else precision, low_vram=low_vram)
-    out = OutputRequest(outdir=outdir, skip_grid=skip_grid, skip_save=skip_save, watermark=not no_watermark,
-                        n_rows=n_rows, quiet=quiet)
+def _load_and_output(o: dict) -> tuple[LoadRequest, OutputRequest]:
+    """The load-time and output parts from model_options, output_options and --outdir."""
+    load_req = LoadRequest(ckpt=o["ckpt"], config=o["config"], v_prediction=o["v_prediction"], device=o["device"],
+                           precision="bf16" if o["bf16"] else o["precision"], low_vram=o["low_vram"])
+    out = OutputRequest(outdir=o["outdir"], skip_grid=o["skip_grid"], skip_save=o["skip_save"],
+                        watermark=not o["no_watermark"], n_rows=o["n_rows"], quiet=o["quiet"])
     return load_req, out
+
+
+def _outdir_option(default: str) -> Callable:
+    return click.option("--outdir", type=click.Path(path_type=Path), default=Path(default), show_default=True,
+                        help="Images go to OUTDIR/samples/NNNNN.png, grids to OUTDIR/grid-NNNN.png.")
 
 
 size_options = _options(
@@ -254,23 +260,17 @@ size_options = _options(
 @cli.command()
 @prompt_options
 @size_options
-@click.option("--outdir", type=click.Path(path_type=Path), default=Path("outputs/txt2img-samples"), show_default=True,
-              help="Images go to OUTDIR/samples/NNNNN.png, grids to OUTDIR/grid-NNNN.png.")
+@_outdir_option("outputs/txt2img-samples")
 @sampling_options
 @model_options
 @output_options
-def txt2img(prompt_arg, prompt_opt, from_file, repeat, height, width, outdir, n_samples, n_iter, negative_prompt,
-            steps, sampler, plms, dpm, scale, eta, seed, seed_mode, fixed_code, ckpt, config, v_prediction, device,
-            precision, bf16, low_vram, skip_grid, skip_save, n_rows, no_watermark, quiet, verbose):
+def txt2img(**o):
     """Make images from a text prompt. -H/-W default to the model's size (512, or 768 for SD 2.x-v)."""
     written: list[Path] = []
-    with error_boundary(verbose, written):
-        gen = _generation(prompt_arg, prompt_opt, from_file, repeat, n_samples, n_iter, negative_prompt, steps,
-                          sampler, plms, dpm, scale, eta, height, width, seed, seed_mode, fixed_code)
+    with error_boundary(o["verbose"], written):
+        gen = _generation(o)
         validate(gen)
-        load_req, out = _load_and_output(ckpt, config, v_prediction, device, precision, bf16, low_vram, outdir,
-                                         skip_grid, skip_save, n_rows, no_watermark, quiet)
-        _run("txt2img", load_req, gen, out, written)
+        _run("txt2img", *_load_and_output(o), gen, written)
 
 
 @cli.command()
@@ -280,15 +280,11 @@ def txt2img(prompt_arg, prompt_opt, from_file, repeat, height, width, outdir, n_
 @click.option("--strength", type=float, default=DEFAULT_STRENGTH, show_default=True,
               help="How much to change it: 0 keeps the image (its VAE round trip), 1 ignores it.")
 @size_options
-@click.option("--outdir", type=click.Path(path_type=Path), default=Path("outputs/img2img-samples"), show_default=True,
-              help="Images go to OUTDIR/samples/NNNNN.png, grids to OUTDIR/grid-NNNN.png.")
+@_outdir_option("outputs/img2img-samples")
 @sampling_options
 @model_options
 @output_options
-def img2img(prompt_arg, prompt_opt, from_file, repeat, init_img, strength, height, width, outdir, n_samples, n_iter,
-            negative_prompt, steps, sampler, plms, dpm, scale, eta, seed, seed_mode, fixed_code, ckpt, config,
-            v_prediction, device, precision, bf16, low_vram, skip_grid, skip_save, n_rows, no_watermark, quiet,
-            verbose):
+def img2img(**o):
     """Turn a sketch or picture into a new one guided by a prompt.
 
     The output has the init image's size rounded down to a multiple of 8, unless -H/-W resize it first.
@@ -297,18 +293,14 @@ def img2img(prompt_arg, prompt_opt, from_file, repeat, init_img, strength, heigh
     from sdgen import images
 
     written: list[Path] = []
-    with error_boundary(verbose, written):
-        gen = _generation(prompt_arg, prompt_opt, from_file, repeat, n_samples, n_iter, negative_prompt, steps,
-                          sampler, plms, dpm, scale, eta, height, width, seed, seed_mode, fixed_code,
-                          strength=strength, init_path=init_img)
+    with error_boundary(o["verbose"], written):
+        gen = _generation(o, strength=o["strength"], init_path=o["init_img"])
         validate_img2img(gen)
-        image, resized = images.fit_size(images.load_rgb(init_img, "--init-img"), width, height)
-        if resized and not quiet:
+        image, resized = images.fit_size(images.load_rgb(o["init_img"], "--init-img"), o["width"], o["height"])
+        if resized and not o["quiet"]:
             click.echo(f"sdgen: {resized}", err=True)
-        gen.extras.update(init_image=image, init_sha256=images.sha256(init_img))
-        load_req, out = _load_and_output(ckpt, config, v_prediction, device, precision, bf16, low_vram, outdir,
-                                         skip_grid, skip_save, n_rows, no_watermark, quiet)
-        _run("img2img", load_req, gen, out, written)
+        gen.extras.update(init_image=image, init_sha256=images.sha256(o["init_img"]))
+        _run("img2img", *_load_and_output(o), gen, written)
 
 
 @cli.command()
@@ -330,9 +322,7 @@ def img2img(prompt_arg, prompt_opt, from_file, repeat, init_img, strength, heigh
               help="Images go to OUTDIR/samples/NNNNN.png.")
 @model_options
 @output_options
-def upscale(inputs, prompt, negative_prompt, noise_level, steps, scale, sampler, eta, seed, seed_mode, tile, outdir,
-            ckpt, config, v_prediction, device, precision, bf16, low_vram, skip_grid, skip_save, n_rows, no_watermark,
-            quiet, verbose):
+def upscale(**o):
     """Make images 4x larger with the SD x4 upscaler (x4-upscaler-ema.safetensors or a diffusers folder).
 
     The VAE always decodes in fp32 (it overflows in fp16). Inputs larger than --tile pixels are processed in
@@ -341,31 +331,32 @@ def upscale(inputs, prompt, negative_prompt, noise_level, steps, scale, sampler,
     from sdgen import upscale as upscaling
 
     written: list[Path] = []
-    with error_boundary(verbose, written):
-        gen = GenerationRequest(batches=((prompt,),), negative_prompt=negative_prompt, steps=steps, sampler=sampler,
-                                scale=scale, eta=eta, seed=_parse_seed(seed), seed_mode=seed_mode)
+    with error_boundary(o["verbose"], written):
+        gen = GenerationRequest(batches=((o["prompt"],),), negative_prompt=o["negative_prompt"], steps=o["steps"],
+                                sampler=o["sampler"], scale=o["scale"], eta=o["eta"], seed=_parse_seed(o["seed"]),
+                                seed_mode=o["seed_mode"])
         validate(gen)
+        noise_level, tile = o["noise_level"], o["tile"]
         if not 0 <= noise_level <= upscaling.MAX_NOISE_LEVEL:
             raise InputError(f"--noise-level {noise_level}: must be between 0 and {upscaling.MAX_NOISE_LEVEL}")
         if tile != 0 and (tile < 32 or tile % 8):
             raise InputError(f"--tile {tile}: must be 0 (no tiling) or a multiple of 8, at least 32")
-        if ckpt is None:
+        if o["ckpt"] is None:
             raise click.UsageError("--ckpt is required: the x4 upscaler checkpoint (x4-upscaler-ema.safetensors)")
         settings = upscaling.UpscaleSettings(noise_level=noise_level, tile=tile, overlap=min(32, tile // 4))
-        loaded = upscaling.load_inputs(list(inputs))
-        load_req, out = _load_and_output(ckpt, config, v_prediction, device, precision, bf16, low_vram, outdir,
-                                         True, False, 0, no_watermark, quiet)
+        loaded = upscaling.load_inputs(list(o["inputs"]))
+        # an upscale writes one image per input and no grid, whatever the shared output options say
+        load_req, out = _load_and_output(dict(o, skip_grid=True, skip_save=False, n_rows=0))
         from sdgen import loader
 
-        say = _say(quiet)
+        say = _say(o["quiet"])
         pipe = loader.load(load_req, expect=("x4",), say=say)
-        say(f"sdgen: seed {gen.seed} ({gen.seed_mode}), {sampler}, {steps} steps, noise level {noise_level}")
-        result = upscaling.upscale(pipe, gen, out, settings, loaded, say=_notices(quiet),
-                                   emit=_emit(written))
+        say(f"sdgen: seed {gen.seed} ({gen.seed_mode}), {gen.sampler}, {gen.steps} steps, noise level {noise_level}")
+        result = upscaling.upscale(pipe, gen, out, settings, loaded, say=_notices(o["quiet"]), emit=_emit(written))
         say(f"sdgen: {result.images} image(s) written")
 
 
-def _run(mode: str, load_req: LoadRequest, gen: GenerationRequest, out: OutputRequest, written: list[Path]) -> None:
+def _run(mode: str, load_req: LoadRequest, out: OutputRequest, gen: GenerationRequest, written: list[Path]) -> None:
     from sdgen import generate, loader
     from sdgen.device import validate_device_name
 

@@ -13,7 +13,7 @@ from sdgen.errors import CheckpointError
 from sdgen.families import FAMILY_NAMES, SD1, SD2, X4, resolve_spec
 from sdgen.pipeline import Pipeline
 from sdgen.request import LoadRequest
-from sdgen.samplers import Schedule
+from sdgen.samplers import X4_LOW_RES_SCHEDULE, Schedule
 
 DEFAULT_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # SD 1.5, as most tools default to
 DEFAULT_FILE = "v1-5-pruned-emaonly.safetensors"
@@ -145,7 +145,8 @@ def _load_single_file(ckpt: Path, placement: Placement, req: LoadRequest, expect
     _place(parts, placement, req.low_vram)
     p = spec.params
     low = p.get("low_scale_config", {}).get("params", {}).get("noise_schedule_config")
-    low_res = Schedule(low.get("linear_start", 0.0001), low.get("linear_end", 0.02)) if low else None
+    d = X4_LOW_RES_SCHEDULE  # the defaults of the reference's low-scale model, too
+    low_res = Schedule(low.get("linear_start", d.linear_start), low.get("linear_end", d.linear_end)) if low else None
     return Pipeline(
         family=spec.family, unet=parts["unet"], vae=parts["vae"], text_encoder=parts["text_encoder"],
         pad_id=pad_id, v_prediction=spec.v_prediction, low_res_schedule=low_res,
@@ -188,7 +189,8 @@ def _load_diffusers_folder(
     low_file = folder / "low_res_scheduler" / "scheduler_config.json"
     if low_file.is_file():
         low_cfg = json.loads(low_file.read_text())
-        low_res = Schedule(low_cfg.get("beta_start", 0.0001), low_cfg.get("beta_end", 0.02))
+        d = X4_LOW_RES_SCHEDULE
+        low_res = Schedule(low_cfg.get("beta_start", d.linear_start), low_cfg.get("beta_end", d.linear_end))
     return Pipeline(
         family=family, unet=unet, vae=vae, text_encoder=text_encoder, pad_id=0 if family != SD1 else 49407,
         v_prediction=v, schedule=schedule, native_size=int(unet.config.sample_size) * 8,

@@ -61,6 +61,10 @@ class Schedule:
         return torch.cumprod(1.0 - betas, dim=0).float()
 
 
+# The x4 upscaler's noise augmentation of its low-resolution input (x4-upscaling.yaml's low_scale_config).
+X4_LOW_RES_SCHEDULE = Schedule(linear_start=0.0001, linear_end=0.02)
+
+
 def make_scheduler(name: str, schedule: Schedule, v_prediction: bool):
     import diffusers
 

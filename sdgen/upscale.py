@@ -23,7 +23,7 @@ from sdgen.noise import NoiseSource
 from sdgen.output import ImageWriter
 from sdgen.pipeline import Pipeline, to_uint8
 from sdgen.request import GenerationRequest, OutputRequest
-from sdgen.samplers import Schedule, scheduler_steps
+from sdgen.samplers import X4_LOW_RES_SCHEDULE, scheduler_steps
 
 DEFAULT_NOISE_LEVEL = 20  # the reference superresolution script's default
 MAX_NOISE_LEVEL = 350  # the x4 yaml's max_noise_level
@@ -130,7 +130,7 @@ def upscale(pipe: Pipeline, gen: GenerationRequest, out: OutputRequest, settings
     writer = ImageWriter(out.outdir, pipe.family, out.watermark, say=say)
     writer.prepare()
     # the low-resolution image's noise-augmentation schedule (the yaml's low_scale_config)
-    low_ac = (pipe.low_res_schedule or Schedule(0.0001, 0.02)).alphas_cumprod().to(pipe.placement.device)
+    low_ac = (pipe.low_res_schedule or X4_LOW_RES_SCHEDULE).alphas_cumprod().to(pipe.placement.device)
     result = RunResult()
     with torch.no_grad():
         cond = pipe.encode([prompt])
