@@ -26,6 +26,10 @@ Examples:
   python bench/bench.py --model sd15 --device cpu --precision bf16 --steps 2
   python bench/bench.py --model sd2v --device cuda --precision fp16 --steps 50 --repeats 5
   python bench/bench.py --model sd15 --device cuda --memory-fraction 0.25     # simulate a ~20 GiB card on 80
+  python bench/bench.py --model sd15 --device cuda --compile                  # sdgen --compile vs stock eager
+  python bench/bench.py --model sd15 --device cuda --compile --diffusers-compile  # vs diffusers' compile recipe
+  python bench/bench.py --model sd15 --device cuda --low-vram --memory-fraction 0.0125 --only sdgen  # 1 GiB cap
+  python bench/bench.py --upscale --device cuda --memory-fraction 0.1         # x4 upscale under 8 GiB of 80
   python bench/bench.py --upscale --device cpu --steps 1
   python bench/bench.py --upscale --device cpu --single-tile
 
@@ -241,6 +245,11 @@ class Probe:
         self._sync = torch.cuda.synchronize if cuda else (lambda: None)
         self.events: dict[str, list[tuple[float, float]]] = {}
         self._open: dict[str, list[float]] = {}
+        self.attach(unet, text_encoder, vae)
+
+    def attach(self, unet, text_encoder, vae):
+        """Hook one pipeline's modules (a compiled UNet: its torch.compile wrapper, so that the hooks run
+        outside the compiled graph)."""
         for name, module in (("unet", unet), ("text_encoder", text_encoder)):
             module.register_forward_pre_hook(self._pre(name))
             module.register_forward_hook(self._post(name))
@@ -338,12 +347,18 @@ def timed(name: str, fn, probe: Probe, ctx, images: int, steps_of=lambda p: p.ca
 
 # ---- the two pipelines ---------------------------------------------------------------------------------
 
-def diffusers_pipeline(pipe, v_prediction: bool):
+def diffusers_pipeline(pipe, v_prediction: bool, own_modules: bool = False):
+    """Stock diffusers around sdgen's loaded modules (``own_modules``: around copies of them, so that
+    compiling one pipeline leaves the other as it was)."""
     import copy
 
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from sdgen.tokenizer import clip_tokenizer
+
+    unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
+    if own_modules:
+        unet, vae, text_encoder = copy.deepcopy(unet), copy.deepcopy(vae), copy.deepcopy(text_encoder)
 
     tokenizer = copy.deepcopy(clip_tokenizer())
     tokenizer.model_max_length = 77
@@ -355,11 +370,23 @@ def diffusers_pipeline(pipe, v_prediction: bool):
         prediction_type="v_prediction" if v_prediction else "epsilon",
     )
     dpipe = StableDiffusionPipeline(
-        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=tokenizer, unet=pipe.unet, scheduler=scheduler,
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     dpipe.set_progress_bar_config(disable=True)
     return dpipe
+
+
+def compile_diffusers_stock(dpipe) -> None:
+    """diffusers' own torch.compile recipe: channels-last, fused QKV, UNet and VAE decode compiled with
+    mode="reduce-overhead" (CUDA graphs) and fullgraph."""
+    import torch
+
+    dpipe.unet.to(memory_format=torch.channels_last)
+    dpipe.vae.to(memory_format=torch.channels_last)
+    dpipe.fuse_qkv_projections()
+    dpipe.unet = torch.compile(dpipe.unet, mode="reduce-overhead", fullgraph=True)
+    dpipe.vae.decode = torch.compile(dpipe.vae.decode, mode="reduce-overhead", fullgraph=True)
 
 
 def run_txt2img(args, log) -> dict:
@@ -372,12 +399,23 @@ def run_txt2img(args, log) -> dict:
     size = args.size or native
     ckpt = ensure_checkpoint(args.model, args.cache_dir, args.ckpt_dtype, log)
     t = time.perf_counter()
+    # sdgen compiles after the diffusers copy is taken (loader.load would compile the shared modules)
     pipe = loader.load(LoadRequest(ckpt=ckpt, v_prediction=True if v else None, device=args.device,
-                                   precision=args.precision), expect=(family,), say=log)
+                                   precision=args.precision, low_vram=args.low_vram), expect=(family,), say=log)
     load_s = time.perf_counter() - t
     cuda = pipe.placement.torch_device.type == "cuda"
+    separate = args.compile or args.diffusers_compile
+    dpipe = diffusers_pipeline(pipe, v, own_modules=separate) if args.only != "sdgen" else None
+    if args.compile:
+        from sdgen.compiling import compile_pipeline
+
+        log(f"bench: sdgen --compile ({compile_pipeline(pipe, args.compile_mode)})")
+    if args.diffusers_compile and dpipe is not None:
+        compile_diffusers_stock(dpipe)
+        log("bench: diffusers compiled (reduce-overhead, channels-last, fused QKV, UNet + VAE decode)")
     probe = Probe(pipe.unet, pipe.text_encoder, pipe.vae, cuda)
-    dpipe = diffusers_pipeline(pipe, v)
+    if separate and dpipe is not None:
+        probe.attach(dpipe.unet, dpipe.text_encoder, dpipe.vae)
     prompt = args.prompt
     gen = GenerationRequest(batches=((prompt,) * args.batch,), steps=args.steps, sampler="ddim", scale=GUIDANCE,
                             height=size, width=size, seed=1, n_samples=args.batch)
@@ -386,15 +424,25 @@ def run_txt2img(args, log) -> dict:
     out = OutputRequest(outdir=outdir, skip_grid=True, skip_save=True, watermark=False, quiet=True)
     notes: list[str] = []
 
+    images: dict[str, list] = {}  # the last run's uint8 images of each pipeline, to compare them
+    decode = pipe.decode
+
+    def decode_and_keep(latents):
+        images["sdgen"] = decode(latents)
+        return images["sdgen"]
+
+    pipe.decode = decode_and_keep  # instance attribute: generate.txt2img calls pipe.decode(latents)
+
     def sdgen_once():
         generate.txt2img(pipe, gen, out, say=lambda m: notes.append(m), emit=lambda p: None)
 
     def diffusers_once():
-        if pipe.memory.offloads_models or pipe.memory.level >= 4:
+        if dpipe is None or pipe.memory.offloads_models or pipe.memory.level >= 4:
             raise RuntimeError("skipped")
         g = torch.Generator("cpu").manual_seed(1)
-        dpipe([prompt] * args.batch, height=size, width=size, num_inference_steps=args.steps,
-              guidance_scale=GUIDANCE, generator=g, output_type="np")
+        result = dpipe([prompt] * args.batch, height=size, width=size, num_inference_steps=args.steps,
+                       guidance_scale=GUIDANCE, generator=g, output_type="np")
+        images["diffusers"] = list((255.0 * result.images).astype("uint8"))  # truncated, as sdgen and the reference
 
     def memctx():
         return CudaPeak(pipe.placement.torch_device) if cuda else CpuPeak()
@@ -419,7 +467,21 @@ def run_txt2img(args, log) -> dict:
                 + (f" [{run.error}]" if run.error else ""))
     return {"kind": "txt2img", "model": args.model, "size": size, "load_s": load_s, "ckpt": str(ckpt),
             "placement": pipe.placement.describe(), "notes": list(pipe.notes) + notes,
-            "memory_level": pipe.memory.level, "runs": runs}
+            "memory_level": pipe.memory.level, "runs": runs, "agreement": agreement(images)}
+
+
+def agreement(images: dict[str, list]) -> dict | None:
+    """PSNR and max difference between sdgen's and diffusers' images of the same seed (per-image seeds: both
+    draw seed 1's CPU noise; ddim with the same timesteps), or None when one of them did not run."""
+    import numpy as np
+
+    if "sdgen" not in images or "diffusers" not in images:
+        return None
+    a = np.stack(images["sdgen"]).astype(np.float64)
+    b = np.stack(images["diffusers"]).astype(np.float64)
+    mse = float(((a - b) ** 2).mean())
+    psnr = float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+    return {"psnr_db": psnr, "max_abs": int(np.abs(a - b).max()), "mean_abs": float(np.abs(a - b).mean())}
 
 
 def run_upscale(args, log) -> dict:
@@ -547,16 +609,22 @@ def report_txt2img(res: dict, args) -> str:
         f"Median of {args.repeats} interleaved runs after {args.warmup} warm-up each.",
         "",
         f"| pipeline | s/image ({args.steps} steps) | it/s | s/step | fixed s (text+decode+other) | VAE decode s "
-        f"| est. s/image @ {n} steps | peak memory |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| est. s/image @ {n} steps | peak memory | first run s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    labels = {
+        "sdgen": "sdgen" + (" --compile" if args.compile else "") + (" --low-vram" if args.low_vram else ""),
+        "diffusers": "diffusers" + (" compiled" if args.diffusers_compile else ""),
+    }
+    first = {name: next((r.total_s for r in res["runs"] if r.pipeline == name), float("nan"))
+             for name in labels}
     summary = {}
     for name in ("sdgen", "diffusers"):
         rs = [r for r in runs if r.pipeline == name and r.error is None]
         if not rs:
             if any(r.pipeline == name for r in runs):
                 errs = {r.error for r in runs if r.pipeline == name}
-                lines.append(f"| {name} | {', '.join(sorted(errs))} | | | | | | |")
+                lines.append(f"| {labels[name]} | {', '.join(sorted(errs))} | | | | | | | |")
             continue
         s_img = _med([r.total_s / r.images for r in rs])
         per_step = _med([r.per_step_s for r in rs])
@@ -565,23 +633,30 @@ def report_txt2img(res: dict, args) -> str:
         est = (per_step * n + fixed) / args.batch
         peak = max(r.peak_bytes for r in rs)
         summary[name] = (s_img, per_step, est, peak, fixed)
-        lines.append(f"| {name} | {s_img:.2f} | {1 / per_step:.3f} | {per_step:.3f} | {fixed:.2f} | {decode:.2f} | "
-                     f"{est:.1f} | {_gib(peak)} |")
+        lines.append(f"| {labels[name]} | {s_img:.2f} | {1 / per_step:.3f} | {per_step:.3f} | {fixed:.2f} | "
+                     f"{decode:.2f} | {est:.1f} | {_gib(peak)} | {first[name]:.1f} |")
     if len(summary) == 2:
         a, b = summary["sdgen"], summary["diffusers"]
         lines.append(f"| **sdgen / diffusers** | {a[0] / b[0]:.3f} | {b[1] / a[1]:.3f} | {a[1] / b[1]:.3f} | "
-                     f"{a[4] / b[4]:.3f} | | {a[2] / b[2]:.3f} | {a[3] / b[3]:.3f} |")
+                     f"{a[4] / b[4]:.3f} | | {a[2] / b[2]:.3f} | {a[3] / b[3]:.3f} | |")
     method = next((r.memory_method for r in runs if r.memory_method), "")
     lines += [
         "",
         f"it/s = denoising iterations per second (one UNet call on the CFG batch of {2 * args.batch}). "
         f"Extrapolation: est. s/image @ {n} = (s/step x {n} + fixed) / batch, fixed = total - denoising span. "
         f"Peak memory: {method}"
-        + (" (process RSS, includes the shared weights)." if "cuda" not in method else "."),
+        + (" (process RSS, includes the shared weights)." if "cuda" not in method else ".")
+        + " First run s: the first (warm-up) run of each pipeline"
+        + (", compile included." if args.compile or args.diffusers_compile else "."),
     ]
+    if res.get("agreement"):
+        g = res["agreement"]
+        lines.append(f"Same seed, {labels['sdgen']} vs {labels['diffusers']}: PSNR {g['psnr_db']:.1f} dB, max "
+                     f"difference {g['max_abs']} levels, mean {g['mean_abs']:.2f} (uint8 images of the last runs).")
     if res["notes"] or res["memory_level"]:
-        lines.append(f"sdgen notes: {res['notes']}; OOM ladder level {res['memory_level']} (the UNet/VAE settings "
-                     "it changed are shared with the diffusers runs).")
+        shared = "" if args.compile or args.diffusers_compile else (" (the UNet/VAE settings it changed are "
+                                                                      "shared with the diffusers runs)")
+        lines.append(f"sdgen notes: {res['notes']}; OOM ladder level {res['memory_level']}{shared}.")
     return "\n".join(lines)
 
 
@@ -662,6 +737,17 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="Untimed runs per pipeline first (default 1; CPU "
                                                             "upscale 0).")
     p.add_argument("--tile", type=int, default=128, help="Upscale tile in input pixels (sdgen's default 128).")
+    p.add_argument("--compile", action="store_true",
+                   help="Time sdgen --compile (sdgen.compiling). diffusers then runs on its own copies of the "
+                        "modules, uncompiled unless --diffusers-compile. The warm-up run includes the compile.")
+    p.add_argument("--compile-mode", default=None,
+                   choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                   help="torch.compile mode for sdgen --compile (default: sdgen's own choice for the device).")
+    p.add_argument("--diffusers-compile", action="store_true",
+                   help="Give diffusers its stock torch.compile recipe (reduce-overhead, channels-last, fused "
+                        "QKV, UNet + VAE decode), on its own copies of the modules.")
+    p.add_argument("--low-vram", action="store_true",
+                   help="Load sdgen with --low-vram (diffusers is skipped: it would run on offloaded modules).")
     p.add_argument("--memory-fraction", type=float, default=None,
                    help="CUDA only: torch.cuda.set_per_process_memory_fraction(F), to simulate a smaller card.")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU). Default: torch's.")

@@ -104,6 +104,11 @@ model_options = _options(
                       "(Without it, sdgen steps down to these by itself when CUDA runs out of memory.)"),
 )
 
+compile_option = click.option(
+    "--compile", "compile_models", is_flag=True,
+    help="torch.compile the UNet and VAE decoder (with CUDA graphs on a GPU). The first run of a size and batch "
+         "compiles for minutes; later runs reuse ~/.cache/sdgen/torch-compile. On the CPU it saves little.")
+
 sampling_options = _options(
     click.option("--negative-prompt", "--negative_prompt", "negative_prompt", default="",
                  help="What to steer away from."),
@@ -238,7 +243,11 @@ def _generation(o: dict, **extras) -> GenerationRequest:
 def _load_and_output(o: dict) -> tuple[LoadRequest, OutputRequest]:
     """The load-time and output parts from model_options, output_options and --outdir."""
     load_req = LoadRequest(ckpt=o["ckpt"], config=o["config"], v_prediction=o["v_prediction"], device=o["device"],
-                           precision="bf16" if o["bf16"] else o["precision"], low_vram=o["low_vram"])
+                           precision="bf16" if o["bf16"] else o["precision"], low_vram=o["low_vram"],
+                           compile=o.get("compile_models", False))
+    if load_req.compile and load_req.low_vram:
+        raise click.UsageError("--compile and --low-vram do not go together (offloading moves weights under the "
+                               "compiled graphs); choose one")
     out = OutputRequest(outdir=o["outdir"], skip_grid=o["skip_grid"], skip_save=o["skip_save"],
                         watermark=not o["no_watermark"], n_rows=o["n_rows"], quiet=o["quiet"])
     return load_req, out
@@ -263,6 +272,7 @@ size_options = _options(
 @_outdir_option("outputs/txt2img-samples")
 @sampling_options
 @model_options
+@compile_option
 @output_options
 def txt2img(**o):
     """Make images from a text prompt. -H/-W default to the model's size (512, or 768 for SD 2.x-v)."""
@@ -283,6 +293,7 @@ def txt2img(**o):
 @_outdir_option("outputs/img2img-samples")
 @sampling_options
 @model_options
+@compile_option
 @output_options
 def img2img(**o):
     """Turn a sketch or picture into a new one guided by a prompt.

@@ -98,6 +98,12 @@ def load(req: LoadRequest, expect: tuple[str, ...] = (SD1, SD2), say=print) -> P
     kind = "v-prediction" if pipe.v_prediction else "epsilon"
     say(f"sdgen: {FAMILY_NAMES[pipe.family]} ({kind}) from {ckpt.name}, config {pipe.config_source}, "
         f"on {placement.describe()}")
+    if req.compile:
+        from sdgen.compiling import compile_cache_dir, compile_pipeline
+
+        mode = compile_pipeline(pipe)
+        say(f"sdgen: --compile ({mode}): the first run of a size and batch compiles for minutes; the compile "
+            f"cache is {compile_cache_dir()}")
     return pipe
 
 

@@ -39,20 +39,31 @@ def free_cached_memory() -> None:
 
 
 def _layer_offload(module: nn.Module, device: torch.device) -> None:
-    """Hooks that bring each layer's own weights to ``device`` for its forward and send them back after."""
-
-    def to_device(mod, args):
-        mod.to(device)
-
-    def to_cpu(mod, args, output):
-        mod.to("cpu")
-        return output
-
-    for sub in module.modules():
-        if any(True for _ in sub.parameters(recurse=False)) or any(True for _ in sub.buffers(recurse=False)):
-            sub.register_forward_pre_hook(to_device)
-            sub.register_forward_hook(to_cpu)
+    """Each layer's weights on ``device`` only while it runs. Every weight keeps one CPU copy, pinned on CUDA
+    so that the copy to the GPU is asynchronous (queued on the compute stream: no host synchronisation per
+    layer); after the layer runs its GPU copy is dropped, never copied back (the weights did not change)."""
     module.to("cpu")
+    pin = device.type == "cuda"
+    for sub in module.modules():
+        names = [n for n, _ in sub.named_parameters(recurse=False)] + [n for n, _ in sub.named_buffers(recurse=False)]
+        if not names:
+            continue
+        host = {n: (getattr(sub, n).data.pin_memory() if pin else getattr(sub, n).data) for n in names}
+
+        def onload(mod, args, host=host):
+            for n, t in host.items():
+                current = getattr(mod, n)
+                if current.dtype != t.dtype:  # cast since the last call (the UNet upcast to fp32 after an overflow)
+                    host[n] = t = current.data.pin_memory() if pin else current.data
+                current.data = t.to(device, non_blocking=True)
+
+        def offload(mod, args, output, host=host):
+            for n, t in host.items():
+                getattr(mod, n).data = t
+            return output
+
+        sub.register_forward_pre_hook(onload)
+        sub.register_forward_hook(offload)
 
 
 class MemoryPlan:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sdgen.compiling import before_compiled_call, unet_output
 from sdgen.device import Placement
 from sdgen.errors import ModelOutputError
 from sdgen.memory import MemoryPlan
@@ -50,6 +51,7 @@ class Pipeline:
     notes: list[str] = field(default_factory=list)  # what had to be done differently (fp32 fallbacks)
     memory: MemoryPlan | None = None
     low_res_schedule: Schedule | None = None  # x4 upscaler: the noise augmentation's schedule
+    cuda_graphs: bool = False  # set by compiling.compile_pipeline: UNet/VAE outputs live in a graph's pool
 
     def __post_init__(self) -> None:
         if self.memory is None:
@@ -97,8 +99,9 @@ class Pipeline:
             else:
                 x_in, t_in, c_in = torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond])
             kwargs = {k: (torch.cat([v, v]) if uncond is not None else v) for k, v in extra.items()}
+            before_compiled_call(self)
             out = unet(x_in.to(dtype), t_in, encoder_hidden_states=c_in.to(dtype), return_dict=False, **kwargs)[0]
-            out = out.float()
+            out = unet_output(self, out)
             if uncond is None:
                 return out
             out_uncond, out_cond = out.chunk(2)
@@ -174,6 +177,7 @@ class Pipeline:
         """Latents -> float32 pixels in [-1, 1] (not yet clamped), on the device."""
         z = latents / self.vae.config.scaling_factor
         with self.memory.using("vae") as vae:
+            before_compiled_call(self)
             x = vae.decode(z.to(vae.dtype), return_dict=False)[0]
             if not torch.isfinite(x).all() and vae.dtype != torch.float32:
                 self.notes.append("VAE decoded in fp32 after a half-precision overflow")

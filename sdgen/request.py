@@ -34,6 +34,7 @@ class LoadRequest:
     device: str = "auto"
     precision: str = "auto"
     low_vram: bool = False  # start at the bottom of the out-of-memory ladder (sequential CPU offload)
+    compile: bool = False  # torch.compile the UNet and VAE decoder (sdgen.compiling)
 
 
 @dataclass(frozen=True)

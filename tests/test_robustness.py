@@ -219,6 +219,30 @@ def test_low_vram_starts_at_the_bottom(sdgen, tiny):
     assert run.code == 0, run
 
 
+def test_per_layer_offload_hooks_change_no_numbers_and_keep_an_upcast(tiny):
+    """The hooks of the last rung (each layer's weights swapped in for its call), run with the CPU standing in
+    for the GPU: same outputs as without them, and the UNet's fp32 upcast after an overflow is not undone."""
+    from sdgen import loader, memory
+    from sdgen.request import LoadRequest
+
+    pipe = loader.load(LoadRequest(ckpt=tiny["sd1.safetensors"], device="cpu"), say=lambda m: None)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([500])
+
+    def outputs():
+        cond = pipe.encode(["a cat"])
+        return cond, pipe.model_fn(cond, pipe.encode([""]), 7.5)(x, t), pipe.decode_float(x)
+
+    before = outputs()
+    for model in pipe.memory.models.values():
+        memory._layer_offload(model, torch.device("cpu"))
+    for a, b in zip(before, outputs(), strict=True):
+        assert torch.equal(a, b)
+    pipe.unet.to(torch.float64)  # what upcast_unet does (to fp32 from half; here to a dtype we can tell apart)
+    pipe.model_fn(before[0], None, 1.0)(x.double(), t)
+    assert pipe.unet.dtype == torch.float64
+
+
 # ---- 5. overflow in half precision --------------------------------------------------------------------
 
 def test_unet_overflow_in_half_precision_is_redone_in_fp32(sdgen, tiny, monkeypatch):
