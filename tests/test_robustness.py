@@ -306,7 +306,10 @@ def test_nan_even_in_fp32_is_an_error_not_a_black_image(sdgen, tiny, monkeypatch
 def _start(tiny, outdir: Path, n_iter: int = 200) -> subprocess.Popen:
     args = [sys.executable, "-m", "sdgen", "txt2img", "x", "--ckpt", str(tiny["sd1.safetensors"]), *SMALL,
             "--n_iter", str(n_iter), "--skip_grid", "-q", "--outdir", str(outdir), "--seed", "1"]
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # As from a terminal: a shell without job control starts background jobs with SIGINT ignored, and a child
+    # inherits that (Python then keeps ignoring it), so a test run started with '&' would see no Ctrl-C.
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
