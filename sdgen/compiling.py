@@ -62,12 +62,15 @@ def compile_mode(device_type: str) -> str:
 def compile_pipeline(pipe: Pipeline, mode: str | None = None) -> str:
     """Replace the pipeline's UNet by its compiled wrapper and compile the VAE decoder in place. Returns the
     mode. Nothing is compiled until the first call."""
+    import logging
     import warnings
 
     import torch
 
-    # dynamo's note that it traces through diffusers' lru_cache'd version check: not the user's business
+    # Not the user's business: dynamo's note that it traces through diffusers' lru_cache'd version check, and
+    # inductor's (CPU) note that no CUDA runtime was found for its C++ compiler setup.
     warnings.filterwarnings("ignore", message=r".*functools\.lru_cache.*", category=UserWarning)
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     use_persistent_cache()
     device_type = pipe.placement.torch_device.type
     mode = mode or compile_mode(device_type)
