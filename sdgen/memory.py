@@ -49,6 +49,8 @@ def _layer_offload(module: nn.Module, device: torch.device) -> None:
         if not names:
             continue
         host = {n: (getattr(sub, n).data.pin_memory() if pin else getattr(sub, n).data) for n in names}
+        for n, t in host.items():
+            getattr(sub, n).data = t  # the pinned copy is the only CPU copy from now on
 
         def onload(mod, args, host=host):
             for n, t in host.items():
