@@ -121,13 +121,12 @@ def _place(pipe_parts: dict, placement: Placement, low_vram: bool) -> None:
     import torch
 
     device = "cpu" if low_vram else placement.torch_device
+    half = placement.precision != "fp32"
     for name in ("unet", "text_encoder", "vae"):
-        pipe_parts[name].to(device, placement.dtype)
-    if pipe_parts.get("vae_fp32"):
-        pipe_parts["vae"].to(torch.float32)
-    if placement.precision != "fp32":
-        for name in ("unet", "vae"):
-            pipe_parts[name].to(memory_format=torch.channels_last)
+        dtype = torch.float32 if name == "vae" and pipe_parts.get("vae_fp32") else placement.dtype
+        layout = {"memory_format": torch.channels_last} if half and name != "text_encoder" else {}
+        # one pass per weight: cast, move and re-layout together (the x4 VAE is not cast to half and back)
+        pipe_parts[name].to(device, dtype, **layout)
     if placement.device == "cpu":
         tune_cpu_allocator()
 
