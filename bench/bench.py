@@ -467,7 +467,8 @@ def run_txt2img(args, log) -> dict:
                 + (f" [{run.error}]" if run.error else ""))
     return {"kind": "txt2img", "model": args.model, "size": size, "load_s": load_s, "ckpt": str(ckpt),
             "placement": pipe.placement.describe(), "notes": list(pipe.notes) + notes,
-            "memory_level": pipe.memory.level, "runs": runs, "agreement": agreement(images)}
+            "memory_level": pipe.memory.level, "runs": runs, "agreement": agreement(images),
+            "separate_modules": separate}
 
 
 def agreement(images: dict[str, list]) -> dict | None:
@@ -645,17 +646,17 @@ def report_txt2img(res: dict, args) -> str:
         f"it/s = denoising iterations per second (one UNet call on the CFG batch of {2 * args.batch}). "
         f"Extrapolation: est. s/image @ {n} = (s/step x {n} + fixed) / batch, fixed = total - denoising span. "
         f"Peak memory: {method}"
-        + (" (process RSS, includes the shared weights)." if "cuda" not in method else ".")
+        + ("." if "cuda" in method else " (process RSS, includes both pipelines' own weights)."
+           if res["separate_modules"] else " (process RSS, includes the shared weights).")
         + " First run s: the first (warm-up) run of each pipeline"
-        + (", compile included." if args.compile or args.diffusers_compile else "."),
+        + (", compile included." if res["separate_modules"] else "."),
     ]
     if res.get("agreement"):
         g = res["agreement"]
         lines.append(f"Same seed, {labels['sdgen']} vs {labels['diffusers']}: PSNR {g['psnr_db']:.1f} dB, max "
                      f"difference {g['max_abs']} levels, mean {g['mean_abs']:.2f} (uint8 images of the last runs).")
     if res["notes"] or res["memory_level"]:
-        shared = "" if args.compile or args.diffusers_compile else (" (the UNet/VAE settings it changed are "
-                                                                      "shared with the diffusers runs)")
+        shared = "" if res["separate_modules"] else " (the UNet/VAE settings it changed are shared with diffusers)"
         lines.append(f"sdgen notes: {res['notes']}; OOM ladder level {res['memory_level']}{shared}.")
     return "\n".join(lines)
 

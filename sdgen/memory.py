@@ -43,12 +43,15 @@ def _layer_offload(module: nn.Module, device: torch.device) -> None:
     so that the copy to the GPU is asynchronous (queued on the compute stream: no host synchronisation per
     layer); after the layer runs its GPU copy is dropped, never copied back (the weights did not change)."""
     module.to("cpu")
-    pin = device.type == "cuda"
+
+    def host_copy(t: torch.Tensor) -> torch.Tensor:
+        return t.pin_memory() if device.type == "cuda" else t
+
     for sub in module.modules():
         names = [n for n, _ in sub.named_parameters(recurse=False)] + [n for n, _ in sub.named_buffers(recurse=False)]
         if not names:
             continue
-        host = {n: (getattr(sub, n).data.pin_memory() if pin else getattr(sub, n).data) for n in names}
+        host = {n: host_copy(getattr(sub, n).data) for n in names}
         for n, t in host.items():
             getattr(sub, n).data = t  # the pinned copy is the only CPU copy from now on
 
@@ -56,7 +59,7 @@ def _layer_offload(module: nn.Module, device: torch.device) -> None:
             for n, t in host.items():
                 current = getattr(mod, n)
                 if current.dtype != t.dtype:  # cast since the last call (the UNet upcast to fp32 after an overflow)
-                    host[n] = t = current.data.pin_memory() if pin else current.data
+                    host[n] = t = host_copy(current.data)
                 current.data = t.to(device, non_blocking=True)
 
         def offload(mod, args, output, host=host):
