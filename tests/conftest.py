@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_checkpoints import write_tiny
+from sdgen.testing.ldm_layout import write_tiny
 
 from sdgen.cli import cli
 

@@ -51,7 +51,7 @@ def test_tiled_agrees_with_untiled_and_shows_no_tile_grid(sdgen, tmp_path):
     attention is global within a tile, so tiling changes pixels everywhere a little: we require the tiled
     image to be far closer to the untiled one than another seed is (measured: correlation 0.93 vs 0.12,
     mean difference 18 vs 70 levels), and no jump at the tile boundaries."""
-    from tiny_checkpoints import write_tiny
+    from sdgen.testing.ldm_layout import write_tiny
 
     ckpt, _ = write_tiny("x4", tmp_path / "contrast", contrast=1.0)  # full contrast: differences stay visible
     src = gradient_image(tmp_path / "a.png", 64, 64)

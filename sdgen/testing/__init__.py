@@ -1,0 +1,1 @@
+"""Builders for tiny random-weight checkpoints in the original LDM key layout (tests and bench share them)."""
