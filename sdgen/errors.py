@@ -1,8 +1,14 @@
-"""The exceptions a user can cause. The CLI turns each into one line ``Error: ...`` and exit code 1."""
+"""The exceptions sdgen raises on purpose. The CLI turns each into one line ``Error: ...``: exit 2 for a
+:class:`UsageError` (a bad option value, as click's own usage errors), exit 1 for every other
+:class:`SdgenError` (a file, a device or the disk), 130/143 for an interrupt or termination."""
 
 
 class SdgenError(Exception):
     """Base class: a problem the user can fix; the message says what and how."""
+
+
+class UsageError(SdgenError):
+    """An option value outside its range or a combination of options that does not go together."""
 
 
 class CheckpointError(SdgenError):
@@ -18,7 +24,7 @@ class ConfigError(SdgenError):
 
 
 class InputError(SdgenError):
-    """A bad option value or input file (prompt file, init image, size)."""
+    """An input file that cannot be used (prompt file, init image, upscale input)."""
 
 
 class DeviceError(SdgenError):
@@ -35,3 +41,12 @@ class ModelOutputError(SdgenError):
 
 class OutOfMemory(SdgenError):
     """Out of memory at the bottom of the ladder."""
+
+
+class Cancelled(Exception):
+    """A run stopped through its cancel token (not a user mistake: images written before it are complete)."""
+
+
+class Terminated(BaseException):
+    """SIGTERM, turned into an exception so that the same clean-up as Ctrl-C runs. A BaseException, as
+    KeyboardInterrupt, so that library code catching ``Exception`` (diffusers' lazy imports) lets it through."""

@@ -64,21 +64,21 @@ class NoiseSource:
     def _draw(self, batch: int) -> torch.Tensor:
         return torch.randn((batch, *self.shape), generator=self._generator, device=self.device)
 
-    def batch(self, first_index: int, batch: int) -> BatchNoise:
-        """Noise for images first_index .. first_index + batch - 1."""
+    def batch(self, seeds: tuple[int, ...]) -> BatchNoise:
+        """Noise for one batch; ``seeds`` are its images' seeds from the job plan (:mod:`sdgen.jobs`), which
+        per-image mode seeds one CPU generator each with."""
+        batch = len(seeds)
         if self.mode == "reference":
             start = self._fixed[:batch] if self._fixed is not None else self._draw(batch)
             extra = self._extra[:batch] if self._extra is not None else None
-            return BatchNoise(start, self._generator, [self.seed] * batch, extra)
-        base = 0 if self.fixed_code else first_index  # --fixed_code: every batch reuses the first seeds
-        seeds = [self.seed + base + i for i in range(batch)]
+            return BatchNoise(start, self._generator, list(seeds), extra)
         generators = [torch.Generator().manual_seed(s) for s in seeds]
         extra = None
         if self.extra_shape is not None:
             extra = torch.cat([torch.randn((1, *self.extra_shape), generator=g) for g in generators])
             extra = extra.to(self.device)
         start = torch.cat([torch.randn((1, *self.shape), generator=g) for g in generators])
-        return BatchNoise(start.to(self.device), generators, seeds, extra)
+        return BatchNoise(start.to(self.device), generators, list(seeds), extra)
 
 
 def drawer(generators: object, device: torch.device):

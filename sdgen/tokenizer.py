@@ -73,11 +73,11 @@ def clean(text: str, unescape_html: bool) -> str:
     return " ".join(text.split())
 
 
-def tokenize(prompts: list[str], pad_id: int) -> tuple[list[list[int]], list[int]]:
-    """Token ids padded/cut to 77 (start ... end, pad), and each prompt's untruncated length.
-    pad_id 0 means the open_clip tokenizer of SD 2.x, whose clean-up also unescapes HTML."""
+def tokenize(prompts: list[str], pad_id: int, unescape_html: bool) -> tuple[list[list[int]], list[int]]:
+    """Token ids padded/cut to 77 (start ... end, pad), and each prompt's untruncated length. The pad id and
+    the HTML clean-up are the family's (SD 1.x's HF CLIP tokenizer, SD 2.x's open_clip.tokenize)."""
     tok = clip_tokenizer()
-    cleaned = [clean(p, unescape_html=pad_id == 0) for p in prompts]
+    cleaned = [clean(p, unescape_html=unescape_html) for p in prompts]
     full = tok(cleaned, add_special_tokens=True, truncation=False)["input_ids"]
     ids = []
     for seq in full:

@@ -63,10 +63,10 @@ def save_as_diffusers(ckpt: Path, folder: Path) -> Path:
     """Write the model sdgen loads from ``ckpt`` as a diffusers folder (unet, vae, text_encoder, scheduler)."""
     import json
 
-    from sdgen import loader
-    from sdgen.request import LoadRequest
+    from sdgen.api import load_model
+    from sdgen.specs import LoadSpec
 
-    pipe = loader.load(LoadRequest(ckpt=ckpt, device="cpu"), expect=("sd1", "sd2", "x4"), say=lambda m: None)
+    pipe = load_model(LoadSpec(ckpt=ckpt, device="cpu"))
     pipe.unet.save_pretrained(folder / "unet")
     pipe.vae.save_pretrained(folder / "vae")
     pipe.text_encoder.save_pretrained(folder / "text_encoder")

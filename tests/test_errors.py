@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from sdgen.checkpoint_files import read_state_dict
+from sdgen.checkpoints.files import read_state_dict
 
 SMALL = ("-H", "64", "-W", "64", "--steps", "2")
 
@@ -106,31 +106,58 @@ def test_upscaler_given_to_txt2img_is_refused(sdgen, tiny, tmp_path):
 @pytest.mark.parametrize(
     "args, code, needles",
     [
-        (("-H", "65"), 1, ["-H/--H 65", "multiple of 8"]),
-        (("-W", "0"), 1, ["-W/--W 0", "multiple of 8"]),
-        (("-W", "-64"), 1, ["-W/--W -64"]),
-        (("-H", "100000"), 1, ["-H/--H 100000", "larger than"]),
-        (("--steps", "0"), 1, ["--steps 0", "between 1"]),
-        (("--steps", "-3"), 1, ["--steps -3"]),
+        (("-H", "65"), 2, ["-H/--H 65", "multiple of 8"]),
+        (("-W", "0"), 2, ["-W/--W 0", "multiple of 8"]),
+        (("-W", "-64"), 2, ["-W/--W -64"]),
+        (("-H", "100000"), 2, ["-H/--H 100000", "larger than"]),
+        (("--steps", "0"), 2, ["--steps 0", "between 1"]),
+        (("--steps", "-3"), 2, ["--steps -3"]),
         (("--steps", "ten"), 2, ["--steps", "ten"]),
         (("--sampler", "magic"), 2, ["--sampler", "magic"]),
-        (("--scale", "nan"), 1, ["--scale nan"]),
-        (("--n_samples", "0"), 1, ["--n_samples 0"]),
-        (("--seed", "-1"), 1, ["--seed -1", "4294967295"]),
-        (("--seed", "99999999999"), 1, ["--seed 99999999999"]),
+        (("--scale", "nan"), 2, ["--scale nan"]),
+        (("--n_samples", "0"), 2, ["--n_samples 0"]),
+        (("--n_iter", "0"), 2, ["--n_iter 0"]),
+        (("--seed", "-2"), 2, ["--seed -2", "4294967295"]),
+        (("--seed", "99999999999"), 2, ["--seed 99999999999"]),
         (("--seed", "abc"), 2, ["--seed", "abc"]),
         (("--precision", "fp64"), 2, ["--precision", "fp64"]),
-        (("--device", "tpu"), 1, ["--device 'tpu'", "cuda:N"]),
+        (("--device", "tpu"), 2, ["--device 'tpu'", "cuda:N"]),
         (("--precision", "fp16", "--device", "cpu"), 1, ["fp16 is not supported on the CPU"]),
-        (("--ddim_eta", "2"), 1, ["--ddim_eta 2"]),
+        (("--ddim_eta", "2"), 2, ["--ddim_eta 2"]),
+        (("--repeat", "3"), 2, ["--repeat", "--from-file"]),
+        (("--config", "{diffusers}"), 2, ["--config", "diffusers folder"]),
+        (("--outdir", "{file}"), 1, ["cannot write", "--outdir"]),
         (("--plms", "--dpm"), 2, ["choose one sampler"]),
     ],
 )
-def test_bad_arguments(sdgen, tiny, tmp_path, args, code, needles):
-    run = sdgen("txt2img", "x", "--ckpt", tiny["sd1.safetensors"], "-H", "64", "-W", "64", "--steps", "2",
-                *args, "--outdir", tmp_path)
+def test_bad_arguments(sdgen, tiny, tiny_diffusers, tmp_path, monkeypatch, args, code, needles):
+    """Every mistake is reported before any weights load (the loader is made to fail loudly if reached)."""
+    from sdgen.checkpoints import load as loading
+
+    (tmp_path / "a-file").write_text("x")
+    ckpt = tiny_diffusers if "{diffusers}" in args else tiny["sd1.safetensors"]
+    args = tuple({"{diffusers}": str(tiny["sd1.yaml"]), "{file}": str(tmp_path / "a-file")}.get(a, a) for a in args)
+    monkeypatch.setattr(loading, "_load_single_file", _must_not_load)
+    monkeypatch.setattr(loading, "_load_diffusers_folder", _must_not_load)
+    run = sdgen("txt2img", "x", "--ckpt", ckpt, "-H", "64", "-W", "64", "--steps", "2", "--outdir", tmp_path / "o",
+                *args)
     assert_one_line_error(run, code, *needles)
     assert no_outputs(tmp_path)
+
+
+def _must_not_load(*args, **kwargs):
+    raise AssertionError("weights were loaded before the mistake was reported")
+
+
+def test_seed_minus_one_means_random(sdgen, tiny, tmp_path):
+    import json
+
+    from PIL import Image
+
+    run = sdgen("txt2img", "x", "--ckpt", tiny["sd1.safetensors"], *SMALL, "--seed", "-1", "--outdir", tmp_path)
+    assert run.code == 0, run
+    seed = json.loads(Image.open(run.paths[0]).info["sdgen"])["seed"]
+    assert 0 <= seed <= 4294967295 and f"seed {seed} " in run.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from sdgen.families import SD1, SD2, V_PREDICTION_PROBE_KEY, X4, decide_v_prediction, shipped_config
+from sdgen.checkpoints.ldm_config import shipped_config
+from sdgen.families import FAMILIES, family_named
+from sdgen.families.sd2 import V_PREDICTION_PROBE_KEY
+
+SD1, SD2, X4 = (family_named(n) for n in ("sd1", "sd2", "x4"))
+
+
+def decide_v_prediction(family, state_dict, name, flag, config):
+    return family.decide_v_prediction(state_dict, name, flag, config)
 
 
 def test_sd2_768_in_the_name_means_v_else_epsilon():
@@ -40,3 +48,15 @@ def test_shipped_configs_are_the_reference_architectures():
     assert v2v["model"]["params"]["cond_stage_config"]["params"]["layer"] == "penultimate"
     assert x4["model"]["params"]["unet_config"]["params"]["in_channels"] == 7
     assert x4["model"]["params"]["scale_factor"] == 0.08333
+
+
+def test_every_family_is_complete_and_detected_from_its_own_layout():
+    """Each registered family states everything the rest of sdgen asks of it, and detection finds it."""
+    from sdgen.families import detect
+    from sdgen.testing.ldm_layout import random_state_dict
+
+    for family in FAMILIES:
+        assert family.modes and family.watermark and family.configs and family.label
+        assert all(mode in family.default_scale for mode in family.modes)
+    for name, family in (("sd1", SD1), ("sd2", SD2), ("sd2v", SD2), ("x4", X4)):
+        assert detect(random_state_dict(name), name) is family

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sdgen.checkpoint_files import SAFETENSORS_DTYPE_SIZES, parse_safetensors_header, read_state_dict
+from sdgen.checkpoints.files import SAFETENSORS_DTYPE_SIZES, parse_safetensors_header, read_state_dict
 from sdgen.cli import cli
 from sdgen.errors import CheckpointError, SdgenError
 
@@ -87,7 +87,7 @@ def test_cli_options_never_traceback_never_exit_0_on_bad_input(tmp_path, opts):
     args = ["txt2img", "a cat", "--ckpt", str(tmp_path / "model.safetensors")]
     for flag, value in opts:
         args += [flag, value]
-    with mock.patch("sdgen.loader.load", side_effect=SdgenError("stopped before loading weights")):
+    with mock.patch("sdgen.checkpoints.load.load_model", side_effect=SdgenError("stopped before loading weights")):
         result = CliRunner().invoke(cli, args)
     assert result.exit_code in (1, 2), (args, result.output)
     assert "Traceback" not in result.output

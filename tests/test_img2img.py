@@ -116,14 +116,15 @@ def test_samplers_start_part_way(sdgen, tiny, tmp_path, sampler):
         (("--strength", "1.5"), ["--strength 1.5", "between 0 and 1"]),
         (("--strength", "-0.1"), ["--strength -0.1"]),
         (("--strength", "nan"), ["--strength nan"]),
-        (("--plms",), ["plms", "ddim"]),
+        (("--sampler", "plms"), ["plms", "ddim"]),
+        (("--plms",), ["No such option", "--plms"]),
     ],
 )
 def test_bad_img2img_arguments(sdgen, tiny, tmp_path, args, needles):
     init = gradient_image(tmp_path / "a.png", 64, 64)
     run = sdgen("img2img", "x", "--init-img", init, "--ckpt", tiny["sd1.safetensors"], *FAST, *args,
                 "--outdir", tmp_path / "o")
-    assert_one_line_error(run, 1, *needles)
+    assert_one_line_error(run, 2, *needles)
     assert not (tmp_path / "o").exists()
 
 

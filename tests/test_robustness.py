@@ -19,7 +19,7 @@ from conftest import pixels
 from PIL import Image
 from test_errors import assert_one_line_error
 
-from sdgen.checkpoint_files import read_state_dict
+from sdgen.checkpoints.files import read_state_dict
 
 SMALL = ("-H", "64", "-W", "64", "--steps", "2")
 
@@ -222,25 +222,30 @@ def test_low_vram_starts_at_the_bottom(sdgen, tiny):
 def test_per_layer_offload_hooks_change_no_numbers_and_keep_an_upcast(tiny):
     """The hooks of the last rung (each layer's weights swapped in for its call), run with the CPU standing in
     for the GPU: same outputs as without them, and the UNet's fp32 upcast after an overflow is not undone."""
-    from sdgen import loader, memory
-    from sdgen.request import LoadRequest
+    from sdgen.api import load_model
+    from sdgen.conditioning import encode_prompts
+    from sdgen.guidance import guided
+    from sdgen.runtime import memory
+    from sdgen.specs import LoadSpec
 
-    pipe = loader.load(LoadRequest(ckpt=tiny["sd1.safetensors"], device="cpu"), say=lambda m: None)
+    model = load_model(LoadSpec(ckpt=tiny["sd1.safetensors"], device="cpu"))
     g = torch.Generator().manual_seed(0)
     x, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([500])
 
     def outputs():
-        cond = pipe.encode(["a cat"])
-        return cond, pipe.model_fn(cond, pipe.encode([""]), 7.5)(x, t), pipe.decode_float(x)
+        with torch.no_grad():
+            c = encode_prompts(model, ["a cat"], "", 7.5, print)
+            return c.cond, guided(model, c, 7.5)(x, t), model.decode(x)
 
     before = outputs()
-    for model in pipe.memory.models.values():
-        memory._layer_offload(model, torch.device("cpu"))
+    for module in model.memory.models.values():
+        memory._layer_offload(module, torch.device("cpu"))
     for a, b in zip(before, outputs(), strict=True):
         assert torch.equal(a, b)
-    pipe.unet.to(torch.float64)  # what upcast_unet does (to fp32 from half; here to a dtype we can tell apart)
-    pipe.model_fn(before[0], None, 1.0)(x.double(), t)
-    assert pipe.unet.dtype == torch.float64
+    model.unet.to(torch.float64)  # what upcast does (to fp32 from half; here to a dtype we can tell apart)
+    with torch.no_grad():
+        guided(model, encode_prompts(model, ["a cat"], "", 1.0, print), 1.0)(x.double(), t)
+    assert model.unet.dtype == torch.float64
 
 
 # ---- 5. overflow in half precision --------------------------------------------------------------------

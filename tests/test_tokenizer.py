@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from sdgen.families.base import CLIP, OPENCLIP
 from sdgen.tokenizer import tokenize
 
 PROMPTS = [
@@ -21,11 +22,11 @@ PROMPTS = [
 def test_same_ids_as_open_clip(prompt):
     import open_clip
 
-    ids, _ = tokenize([prompt], pad_id=0)
+    ids, _ = tokenize([prompt], OPENCLIP.pad_id, OPENCLIP.unescape_html)
     assert ids[0] == open_clip.tokenize([prompt])[0].tolist()
 
 
 def test_sd1_pads_with_end_of_text():
-    ids, lengths = tokenize(["a cat"], pad_id=49407)
+    ids, lengths = tokenize(["a cat"], CLIP.pad_id, CLIP.unescape_html)
     assert ids[0][:4] == [49406, 320, 2368, 49407] and set(ids[0][4:]) == {49407}
     assert lengths == [4]

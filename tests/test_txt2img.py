@@ -10,7 +10,7 @@ import pytest
 from conftest import pixels
 from PIL import Image
 
-from sdgen import watermark
+from sdgen.output import watermark
 
 SMALL = ("-H", "64", "-W", "64", "--steps", "3")  # fast runs where size does not matter
 
@@ -30,7 +30,7 @@ def test_sd1_ckpt_to_watermarked_png(sdgen, tiny, no_network):
     img = pixels(path)
     assert img.shape == (256, 256, 3)
     assert img.std() > 1  # an image, not a flat fill
-    assert watermark.read(img, "sd1") == b"StableDiffusionV1"
+    assert watermark.read(img, 17) == b"StableDiffusionV1"
     params, data = meta(path)
     lines = params.splitlines()
     assert lines[0] == "a hamster painting with a brush"
@@ -47,7 +47,7 @@ def test_sd2_safetensors_marks_sdv2_and_uses_scale_9(sdgen, tiny):
                 "--steps", "4", "--seed", "7", "--negative-prompt", "blurry")
     assert run.code == 0, run
     img = pixels(run.paths[0])
-    assert watermark.read(img, "sd2") == b"SDV2"
+    assert watermark.read(img, 4) == b"SDV2"
     params, data = meta(run.paths[0])
     assert params.splitlines()[1] == "Negative prompt: blurry"
     assert "CFG scale: 9.0" in params
@@ -157,7 +157,7 @@ def test_no_watermark_flag(sdgen, tiny):
     run = sdgen("txt2img", "x", "--ckpt", tiny["sd1.safetensors"], "-H", "256", "-W", "256", "--steps", "2",
                 "--no-watermark")
     assert meta(run.paths[0])[1]["watermark"] is False
-    assert watermark.read(pixels(run.paths[0]), "sd1") != b"StableDiffusionV1"
+    assert watermark.read(pixels(run.paths[0]), 17) != b"StableDiffusionV1"
 
 
 def test_long_prompt_says_it_was_cut(sdgen, tiny):

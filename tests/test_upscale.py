@@ -10,7 +10,7 @@ from conftest import gradient_image, pixels
 from PIL import Image
 from test_errors import assert_one_line_error
 
-from sdgen import watermark
+from sdgen.output import watermark
 
 FAST = ("--steps", "3")
 
@@ -23,7 +23,7 @@ def test_upscale_4x_watermarked_with_metadata(sdgen, tiny, tmp_path):
     assert path.parent.as_posix().endswith("outputs/upscale-samples/samples")
     img = pixels(path)
     assert img.shape == (256, 256, 3)
-    assert watermark.read(img, "x4") == b"SDV2"
+    assert watermark.read(img, 4) == b"SDV2"
     info = Image.open(path).info
     data = json.loads(info["sdgen"])
     assert data["noise_level"] == 20 and data["steps"] == 3 and data["scale"] == 9.0
@@ -70,7 +70,7 @@ def test_tiled_agrees_with_untiled_and_shows_no_tile_grid(sdgen, tmp_path):
 def test_noise_level_out_of_range(sdgen, tiny, tmp_path):
     src = gradient_image(tmp_path / "a.png", 32, 32)
     run = sdgen("upscale", src, "--ckpt", tiny["x4.safetensors"], "--noise-level", "351")
-    assert_one_line_error(run, 1, "--noise-level 351", "0 and 350")
+    assert_one_line_error(run, 2, "--noise-level 351", "0 and 350")
 
 
 def test_sd_checkpoint_given_to_upscale(sdgen, tiny, tmp_path):

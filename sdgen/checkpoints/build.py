@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from sdgen.errors import ConfigError
-from sdgen.families import CLIP_PREFIX, OPENCLIP_PREFIX, ModelSpec
+from sdgen.checkpoints.ldm_config import Architecture
+from sdgen.families.base import CLIP_PREFIX, OPENCLIP_PREFIX
 
 TEXT_HEAD_WIDTH = 64
 CLIP_BOS, CLIP_EOS = 49406, 49407
@@ -63,9 +64,9 @@ def assign_weights(module: nn.Module, weights: dict[str, torch.Tensor], what: st
     module.load_state_dict(usable, strict=False, assign=True)
 
 
-def unet_config(spec: ModelSpec) -> dict[str, Any]:
+def unet_config(arch: Architecture) -> dict[str, Any]:
     """diffusers UNet2DConditionModel config from the yaml's unet_config (openaimodel.UNetModel)."""
-    p = spec.params["unet_config"]["params"]
+    p = arch.params["unet_config"]["params"]
     mc, mults = p["model_channels"], list(p["channel_mult"])
     attn = set(p.get("attention_resolutions", []))
     with_attention = [2**i in attn for i in range(len(mults))]
@@ -87,7 +88,7 @@ def unet_config(spec: ModelSpec) -> dict[str, Any]:
         "use_linear_projection": bool(p.get("use_linear_in_transformer", False)),
         "transformer_layers_per_block": depth if isinstance(depth, int) else list(depth),
         # The reference computes attention scores in fp32 (ATTN_PRECISION=fp32) for SD 2.x.
-        "upcast_attention": spec.family != "sd1",
+        "upcast_attention": arch.family.upcast_attention,
     }
     if isinstance(p.get("num_classes"), int):
         config["num_class_embeds"] = p["num_classes"]  # the x4 upscaler's noise-level embedding
@@ -96,8 +97,8 @@ def unet_config(spec: ModelSpec) -> dict[str, Any]:
     return config
 
 
-def vae_config(spec: ModelSpec) -> dict[str, Any]:
-    dd = spec.params["first_stage_config"]["params"]["ddconfig"]
+def vae_config(arch: Architecture) -> dict[str, Any]:
+    dd = arch.params["first_stage_config"]["params"]["ddconfig"]
     n = len(dd["ch_mult"])
     return {
         "in_channels": dd["in_channels"],
@@ -108,15 +109,15 @@ def vae_config(spec: ModelSpec) -> dict[str, Any]:
         "latent_channels": dd["z_channels"],
         "layers_per_block": dd["num_res_blocks"],
         "sample_size": dd.get("resolution", 256),
-        "scaling_factor": spec.params.get("scale_factor", 0.18215),
+        "scaling_factor": arch.params.get("scale_factor", 0.18215),
     }
 
 
-def build_unet(spec: ModelSpec, sd: dict[str, torch.Tensor], source: str) -> nn.Module:
+def build_unet(arch: Architecture, sd: dict[str, torch.Tensor], source: str) -> nn.Module:
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-    config = unet_config(spec)
+    config = unet_config(arch)
     try:
         weights = convert_ldm_unet_checkpoint(sd, config)
     except (KeyError, IndexError, RuntimeError, ValueError) as e:
@@ -127,11 +128,11 @@ def build_unet(spec: ModelSpec, sd: dict[str, torch.Tensor], source: str) -> nn.
     return unet.eval()
 
 
-def build_vae(spec: ModelSpec, sd: dict[str, torch.Tensor], source: str) -> nn.Module:
+def build_vae(arch: Architecture, sd: dict[str, torch.Tensor], source: str) -> nn.Module:
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-    config = vae_config(spec)
+    config = vae_config(arch)
     vae_sd = {k: v for k, v in sd.items() if k.startswith("first_stage_model.")}
     try:
         weights = convert_ldm_vae_checkpoint(vae_sd, config)
@@ -148,21 +149,20 @@ def _count_layers(sd: dict[str, torch.Tensor], prefix: str) -> int:
     return max(ids) + 1 if ids else 0
 
 
-def build_text_encoder(spec: ModelSpec, sd: dict[str, torch.Tensor], source: str) -> tuple[nn.Module, int]:
-    """The text encoder as a transformers CLIPTextModel, and the token id it pads with."""
+def build_text_encoder(arch: Architecture, sd: dict[str, torch.Tensor], source: str) -> nn.Module:
+    """The text encoder as a transformers CLIPTextModel (its pad id is the family's)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    if spec.family == "sd1":
+    text = arch.family.text
+    if text.layout == "clip":
         weights = _clip_weights(sd)
         width = weights["text_model.embeddings.token_embedding.weight"].shape
         layers = _count_layers(weights, "text_model.encoder.layers.")
         inner = weights["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0]
         positions = weights["text_model.embeddings.position_embedding.weight"].shape[0]
-        act, pad_id = "quick_gelu", CLIP_EOS  # HF CLIPTokenizer pads with <|endoftext|>
     else:
-        layer = spec.params["cond_stage_config"].get("params", {}).get("layer", "last")
+        layer = arch.params["cond_stage_config"].get("params", {}).get("layer", "last")
         weights, width, layers, inner, positions = _openclip_weights(sd, layer)
-        act, pad_id = "gelu", 0  # open_clip.tokenize pads with zeros
     config = CLIPTextConfig(
         vocab_size=width[0],
         hidden_size=width[1],
@@ -170,10 +170,10 @@ def build_text_encoder(spec: ModelSpec, sd: dict[str, torch.Tensor], source: str
         num_hidden_layers=layers,
         num_attention_heads=width[1] // TEXT_HEAD_WIDTH,
         max_position_embeddings=positions,
-        hidden_act=act,
+        hidden_act=text.hidden_act,
         bos_token_id=CLIP_BOS,
         eos_token_id=CLIP_EOS,
-        pad_token_id=pad_id,
+        pad_token_id=text.pad_id,
         projection_dim=width[1],
     )
     with meta_parameters():
@@ -181,7 +181,7 @@ def build_text_encoder(spec: ModelSpec, sd: dict[str, torch.Tensor], source: str
     if not any(k.startswith("text_model.") for k in model.state_dict()):  # transformers 5 flattened it
         weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
     assign_weights(model, weights, "text encoder", source)
-    return model.eval(), pad_id
+    return model.eval()
 
 
 def _clip_weights(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

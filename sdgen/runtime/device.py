@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sdgen.errors import DeviceError
+from sdgen.errors import DeviceError, UsageError
 
 DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")  # plus cuda:N
-PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16", "full", "autocast")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 PRECISION_ALIASES = {"full": "fp32", "autocast": "auto"}  # the reference scripts' spellings
+PRECISION_CHOICES = PRECISIONS + tuple(PRECISION_ALIASES)
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ def validate_device_name(name: str) -> str:
         return name
     if name.startswith("cuda:") and name[5:].isdigit():
         return name
-    raise DeviceError(f"--device {name!r}: expected one of auto, cuda, cuda:N, mps, cpu")
+    raise UsageError(f"--device {name!r}: expected one of auto, cuda, cuda:N, mps, cpu")
 
 
 def choose(device: str = "auto", precision: str = "auto") -> Placement:
@@ -72,8 +73,8 @@ def choose(device: str = "auto", precision: str = "auto") -> Placement:
 
     device = validate_device_name(device)
     precision = PRECISION_ALIASES.get(precision, precision)
-    if precision not in ("auto", "fp32", "fp16", "bf16"):
-        raise DeviceError(f"--precision {precision!r}: expected one of auto, fp32, fp16, bf16 (or full, autocast)")
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision {precision!r}: expected one of auto, fp32, fp16, bf16 (or full, autocast)")
     has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"

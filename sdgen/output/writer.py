@@ -1,4 +1,4 @@
-"""Everything about files: numbered names that never overwrite, grids, watermark, metadata, atomic writes.
+"""Writing PNGs: numbered names that never overwrite, the watermark, atomic writes.
 
 A sample is written to a hidden temp file in the same folder, then hard-linked to the first free
 ``NNNNN.png`` (a link fails if the name exists, so two processes can never take the same number and a
@@ -8,10 +8,9 @@ reader never sees a half-written PNG), then the temp name is removed.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,34 +18,13 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from sdgen import __version__, watermark
 from sdgen.errors import OutputError
+from sdgen.output import watermark
+from sdgen.output.grid import make_grid
+from sdgen.output.metadata import png_info
 
 SAMPLE_RE = re.compile(r"^(\d{5,})\.png$")
 GRID_RE = re.compile(r"^grid-(\d{4,})\.png$")
-
-
-def parameters_text(meta: dict[str, Any]) -> str:
-    """The A1111-style 'parameters' chunk that other tools (A1111, ComfyUI, civitai) read."""
-    fields = [
-        ("Steps", meta["steps"]), ("Sampler", meta["sampler_label"]), ("CFG scale", meta["scale"]),
-        ("Seed", meta["seed"]), ("Size", f"{meta['width']}x{meta['height']}"),
-        ("Model hash", meta.get("model_hash")), ("Model", meta.get("model")),
-        ("Denoising strength", meta.get("strength")), ("Noise level", meta.get("noise_level")),
-        ("Eta", meta.get("eta") or None), ("Version", f"sdgen {__version__}"),
-    ]
-    lines = [meta["prompt"]]
-    if meta.get("negative_prompt"):
-        lines.append(f"Negative prompt: {meta['negative_prompt']}")
-    lines.append(", ".join(f"{k}: {v}" for k, v in fields if v is not None))
-    return "\n".join(lines)
-
-
-def _png_info(meta: dict[str, Any]) -> PngInfo:
-    info = PngInfo()
-    info.add_text("parameters", parameters_text(meta))
-    info.add_text("sdgen", json.dumps(meta, sort_keys=True))
-    return info
 
 
 def _output_error(path: Path, e: OSError) -> OutputError:
@@ -57,12 +35,14 @@ def _output_error(path: Path, e: OSError) -> OutputError:
 
 
 class ImageWriter:
-    def __init__(self, outdir: Path, family: str, use_watermark: bool, say=print) -> None:
+    """Samples go to OUTDIR/samples/NNNNN.png, grids to OUTDIR/grid-NNNN.png, marked with ``payload``
+    (None: no watermark). ``notice`` hears, once, that an image was too small to mark."""
+
+    def __init__(self, outdir: Path, payload: bytes | None, notice: Callable[[str], None]) -> None:
         self.outdir = outdir
         self.samples = outdir / "samples"
-        self.family = family
-        self.use_watermark = use_watermark
-        self.say = say
+        self.payload = payload
+        self.notice = notice
         self._told_small = False
 
     def prepare(self) -> None:
@@ -74,16 +54,16 @@ class ImageWriter:
             raise OutputError(f"cannot write to {self.samples}: permission denied (--outdir)")
 
     def _mark(self, rgb: np.ndarray) -> tuple[np.ndarray, bool]:
-        if not self.use_watermark:
+        if self.payload is None:
             return rgb, False
         h, w = rgb.shape[:2]
         if not watermark.can_mark(w, h):
             if not self._told_small:
-                self.say(f"sdgen: {w}x{h} is too small for the invisible watermark (needs 256x256 pixels); "
+                self.notice(f"sdgen: {w}x{h} is too small for the invisible watermark (needs 256x256 pixels); "
                          "saved without it")
                 self._told_small = True
             return rgb, False
-        return watermark.apply(rgb, self.family), True
+        return watermark.apply(rgb, self.payload), True
 
     def _write_numbered(self, folder: Path, pattern: re.Pattern, fmt: str, image: Image.Image, info: PngInfo) -> Path:
         tmp = folder / f".sdgen-{os.getpid()}-{id(image)}.png.tmp"
@@ -126,23 +106,9 @@ class ImageWriter:
     def save_sample(self, rgb: np.ndarray, meta: dict[str, Any]) -> Path:
         marked, did = self._mark(rgb)
         meta = dict(meta, watermark=did)
-        return self._write_numbered(self.samples, SAMPLE_RE, "{:05d}.png", Image.fromarray(marked), _png_info(meta))
+        return self._write_numbered(self.samples, SAMPLE_RE, "{:05d}.png", Image.fromarray(marked), png_info(meta))
 
-    def save_grid(self, images: list[np.ndarray], n_rows: int, meta: dict[str, Any]) -> Path:
-        """All images in rows of ``n_rows``, 2-pixel black gaps, as torchvision's make_grid in the reference."""
-        h, w = images[0].shape[:2]
-        per_row = max(1, min(n_rows, len(images)))
-        rows = -(-len(images) // per_row)
-        pad = 2
-        grid = np.zeros((rows * (h + pad) + pad, per_row * (w + pad) + pad, 3), dtype=np.uint8)
-        for i, img in enumerate(images):
-            r, c = divmod(i, per_row)
-            y, x = pad + r * (h + pad), pad + c * (w + pad)
-            grid[y : y + img.shape[0], x : x + img.shape[1]] = img
-        marked, did = self._mark(grid)
+    def save_grid(self, images: list[np.ndarray], per_row: int, meta: dict[str, Any]) -> Path:
+        marked, did = self._mark(make_grid(images, per_row))
         meta = dict(meta, watermark=did, grid=True)
-        return self._write_numbered(self.outdir, GRID_RE, "grid-{:04d}.png", Image.fromarray(marked), _png_info(meta))
-
-
-def warn(message: str) -> None:
-    print(f"sdgen: {message}", file=sys.stderr)
+        return self._write_numbered(self.outdir, GRID_RE, "grid-{:04d}.png", Image.fromarray(marked), png_info(meta))
