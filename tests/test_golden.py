@@ -3,8 +3,9 @@
 Recorded from the code that matched the original CompVis/Stability scripts within 1 level (see the README's
 fidelity section). Each case runs the real CLI on a tiny checkpoint at full contrast (so that every change in
 the latents reaches the pixels) and compares, per PNG, the bottom-right 3x3 pixels of the blue channel
-(within 1 level: float rounding differs between CPUs) and the mean of all pixels (within 0.05 levels, which a
-changed sampler step, guidance formula or noise draw moves by far more).
+(within 1 level: float rounding differs between CPUs) and the mean of all pixels (within 0.01 levels; a
+changed sampler step, guidance formula or noise draw moves it by more in most cases, and the suite as a whole
+fails on each: see the README's 'Golden tests').
 
 To re-record after an intended change: ``SDGEN_GOLDEN_RECORD=golden.json python -m pytest tests/test_golden.py``
 and paste the printed values, saying in the commit why the numbers moved.
@@ -45,9 +46,10 @@ CASES: dict[str, tuple[str, tuple[str, ...]]] = {
     "sd2v-img2img-dpm": ("sd2v", ("img2img", "a bird", "--init-img", "{init}", "--strength", "0.5",
                                   "--steps", "6", "--seed", "7", "--sampler", "dpm")),
     "x4-untiled": ("x4", ("upscale", "{small}", "--steps", "4", "--seed", "3", "--prompt", "a cat")),
-    "x4-tiled": ("x4", ("upscale", "{large}", "{small}", "--steps", "3", "--seed", "3", "--tile", "32")),
+    "x4-tiled": ("x4", ("upscale", "{large}", "{small}", "--steps", "3", "--seed", "3", "--tile", "32",
+                        "--prompt", "a cat", "--negative-prompt", "blurry")),
     "x4-reference": ("x4", ("upscale", "{small}", "{small}", "--steps", "3", "--seed", "3",
-                            "--seed-mode", "reference")),
+                            "--seed-mode", "reference", "--prompt", "a cat", "--negative-prompt", "blurry")),
     "sd1-low-vram": ("sd1", ("txt2img", "a cat", *SMALL, "--steps", "4", "--low-vram")),
 }
 
@@ -92,12 +94,12 @@ GOLDEN: dict[str, list[tuple[list[int], float]]] = {  # recorded 2026-12-01 from
     "sd2v-img2img-dpm": [([81, 80, 84, 98, 84, 88, 90, 87, 104], 128.74)],
     "x4-untiled": [([91, 108, 127, 117, 141, 164, 135, 142, 150], 114.781)],
     "x4-tiled": [
-        ([133, 123, 137, 118, 122, 115, 111, 106, 110], 114.117),
-        ([107, 93, 111, 111, 114, 132, 186, 159, 151], 114.831),
+        ([164, 144, 136, 104, 118, 108, 124, 106, 106], 114.772),
+        ([114, 109, 105, 115, 123, 118, 156, 135, 127], 114.65),
     ],
     "x4-reference": [
-        ([101, 101, 122, 132, 143, 162, 164, 153, 161], 114.631),
-        ([101, 101, 122, 132, 143, 162, 164, 153, 161], 114.631),
+        ([86, 82, 120, 124, 131, 162, 143, 134, 154], 114.255),
+        ([86, 82, 120, 124, 131, 162, 143, 134, 154], 114.255),
     ],
     "sd1-low-vram": [([179, 171, 130, 168, 160, 139, 148, 152, 138], 128.179)],
 }
@@ -140,7 +142,7 @@ def test_golden(sdgen, vivid, tmp_path, name):
     assert len(got) == len(expected), (name, got)
     for (got_slice, got_mean), (want_slice, want_mean) in zip(got, expected, strict=True):
         assert np.abs(np.array(got_slice) - np.array(want_slice)).max() <= 1, (name, got_slice, want_slice)
-        assert abs(got_mean - want_mean) <= 0.05, (name, got_mean, want_mean)
+        assert abs(got_mean - want_mean) <= 0.01, (name, got_mean, want_mean)
     if name == "sd1-low-vram":
         meta = json.loads(Image.open(run.paths[0]).info["sdgen"])
         assert meta["memory"] == "sequential CPU offload"
