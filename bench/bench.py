@@ -68,6 +68,7 @@ GUIDANCE = 7.5
 
 # ---- random full-size checkpoints ---------------------------------------------------------------------
 
+
 def _layouts():
     """The original-layout generators, shared with sdgen's tests (one source of truth for key names)."""
     sys.path.insert(0, str(REPO / "tests"))
@@ -157,6 +158,7 @@ def bench_input_png(cache: Path, size: int) -> Path:
 
 
 # ---- measuring -------------------------------------------------------------------------------------------
+
 
 def _proc_status_kb(field_name: str) -> int | None:
     try:
@@ -320,7 +322,6 @@ class Run:
 
 def timed(name: str, fn, probe: Probe, ctx, images: int, steps_of=lambda p: p.calls("unet")) -> Run:
     import torch
-
     from sdgen.memory import is_out_of_memory
 
     probe.reset()
@@ -341,11 +342,24 @@ def timed(name: str, fn, probe: Probe, ctx, images: int, steps_of=lambda p: p.ca
         if probe.cuda:
             torch.cuda.synchronize()
         t1 = time.perf_counter()
-    return Run(name, t1 - t0, images, steps_of(probe), probe.span("unet"), probe.total("unet"),
-               probe.total("text_encoder"), probe.total("vae_decode"), mem.peak, mem.before, mem.method, error)
+    return Run(
+        name,
+        t1 - t0,
+        images,
+        steps_of(probe),
+        probe.span("unet"),
+        probe.total("unet"),
+        probe.total("text_encoder"),
+        probe.total("vae_decode"),
+        mem.peak,
+        mem.before,
+        mem.method,
+        error,
+    )
 
 
 # ---- the two pipelines ---------------------------------------------------------------------------------
+
 
 def diffusers_pipeline(pipe, v_prediction: bool, own_modules: bool = False):
     """Stock diffusers around sdgen's loaded modules (``own_modules``: around copies of them, so that
@@ -365,13 +379,24 @@ def diffusers_pipeline(pipe, v_prediction: bool, own_modules: bool = False):
     if pipe.pad_id == 0:  # SD 2.x's diffusers tokenizer pads with "!" (id 0), as open_clip.tokenize
         tokenizer.pad_token = "!"
     scheduler = DDIMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
         prediction_type="v_prediction" if v_prediction else "epsilon",
     )
     dpipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     dpipe.set_progress_bar_config(disable=True)
     return dpipe
@@ -391,17 +416,26 @@ def compile_diffusers_stock(dpipe) -> None:
 
 def run_txt2img(args, log) -> dict:
     import torch
+    from sdgen.request import GenerationRequest, LoadRequest, OutputRequest, validate
 
     from sdgen import generate, loader
-    from sdgen.request import GenerationRequest, LoadRequest, OutputRequest, validate
 
     family, v, native = MODELS[args.model]
     size = args.size or native
     ckpt = ensure_checkpoint(args.model, args.cache_dir, args.ckpt_dtype, log)
     t = time.perf_counter()
     # sdgen compiles after the diffusers copy is taken (loader.load would compile the shared modules)
-    pipe = loader.load(LoadRequest(ckpt=ckpt, v_prediction=True if v else None, device=args.device,
-                                   precision=args.precision, low_vram=args.low_vram), expect=(family,), say=log)
+    pipe = loader.load(
+        LoadRequest(
+            ckpt=ckpt,
+            v_prediction=True if v else None,
+            device=args.device,
+            precision=args.precision,
+            low_vram=args.low_vram,
+        ),
+        expect=(family,),
+        say=log,
+    )
     load_s = time.perf_counter() - t
     cuda = pipe.placement.torch_device.type == "cuda"
     separate = args.compile or args.diffusers_compile
@@ -417,8 +451,16 @@ def run_txt2img(args, log) -> dict:
     if separate and dpipe is not None:
         probe.attach(dpipe.unet, dpipe.text_encoder, dpipe.vae)
     prompt = args.prompt
-    gen = GenerationRequest(batches=((prompt,) * args.batch,), steps=args.steps, sampler="ddim", scale=GUIDANCE,
-                            height=size, width=size, seed=1, n_samples=args.batch)
+    gen = GenerationRequest(
+        batches=((prompt,) * args.batch,),
+        steps=args.steps,
+        sampler="ddim",
+        scale=GUIDANCE,
+        height=size,
+        width=size,
+        seed=1,
+        n_samples=args.batch,
+    )
     validate(gen)
     outdir = Path(tempfile.mkdtemp(prefix="sdgen-bench-"))
     out = OutputRequest(outdir=outdir, skip_grid=True, skip_save=True, watermark=False, quiet=True)
@@ -440,8 +482,15 @@ def run_txt2img(args, log) -> dict:
         if dpipe is None or pipe.memory.offloads_models or pipe.memory.level >= 4:
             raise RuntimeError("skipped")
         g = torch.Generator("cpu").manual_seed(1)
-        result = dpipe([prompt] * args.batch, height=size, width=size, num_inference_steps=args.steps,
-                       guidance_scale=GUIDANCE, generator=g, output_type="np")
+        result = dpipe(
+            [prompt] * args.batch,
+            height=size,
+            width=size,
+            num_inference_steps=args.steps,
+            guidance_scale=GUIDANCE,
+            generator=g,
+            output_type="np",
+        )
         images["diffusers"] = list((255.0 * result.images).astype("uint8"))  # truncated, as sdgen and the reference
 
     def memctx():
@@ -462,13 +511,24 @@ def run_txt2img(args, log) -> dict:
             run.extra["warmup"] = rep < args.warmup
             run.extra["sdgen_memory_level"] = pipe.memory.level
             runs.append(run)
-            log(f"bench: {'warmup ' if rep < args.warmup else ''}{name}: {run.total_s:.2f} s, {run.steps} steps, "
+            log(
+                f"bench: {'warmup ' if rep < args.warmup else ''}{name}: {run.total_s:.2f} s, {run.steps} steps, "
                 f"per step {run.per_step_s:.3f} s, decode {run.decode_s:.2f} s, peak {_gib(run.peak_bytes)}"
-                + (f" [{run.error}]" if run.error else ""))
-    return {"kind": "txt2img", "model": args.model, "size": size, "load_s": load_s, "ckpt": str(ckpt),
-            "placement": pipe.placement.describe(), "notes": list(pipe.notes) + notes,
-            "memory_level": pipe.memory.level, "runs": runs, "agreement": agreement(images),
-            "separate_modules": separate}
+                + (f" [{run.error}]" if run.error else "")
+            )
+    return {
+        "kind": "txt2img",
+        "model": args.model,
+        "size": size,
+        "load_s": load_s,
+        "ckpt": str(ckpt),
+        "placement": pipe.placement.describe(),
+        "notes": list(pipe.notes) + notes,
+        "memory_level": pipe.memory.level,
+        "runs": runs,
+        "agreement": agreement(images),
+        "separate_modules": separate,
+    }
 
 
 def agreement(images: dict[str, list]) -> dict | None:
@@ -487,10 +547,10 @@ def agreement(images: dict[str, list]) -> dict | None:
 
 def run_upscale(args, log) -> dict:
     import torch
+    from sdgen.request import GenerationRequest, LoadRequest, OutputRequest, validate
 
     from sdgen import loader
     from sdgen import upscale as upscaling
-    from sdgen.request import GenerationRequest, LoadRequest, OutputRequest, validate
     from sdgen.samplers import scheduler_steps
 
     size = args.size or 512
@@ -501,20 +561,33 @@ def run_upscale(args, log) -> dict:
     load_s = time.perf_counter() - t
     cuda = pipe.placement.torch_device.type == "cuda"
     probe = Probe(pipe.unet, pipe.text_encoder, pipe.vae, cuda)
-    settings = upscaling.UpscaleSettings(noise_level=upscaling.DEFAULT_NOISE_LEVEL, tile=args.tile,
-                                         overlap=min(upscaling.TILE_OVERLAP, args.tile // 4))
+    settings = upscaling.UpscaleSettings(
+        noise_level=upscaling.DEFAULT_NOISE_LEVEL, tile=args.tile, overlap=min(upscaling.TILE_OVERLAP, args.tile // 4)
+    )
     padded = size + (-size) % upscaling.UNET_MULTIPLE
-    unet_tiles = (len(upscaling.tile_origins(padded, settings.tile, settings.overlap)) ** 2
-                  if settings.tile and padded > settings.tile else 1)
+    unet_tiles = (
+        len(upscaling.tile_origins(padded, settings.tile, settings.overlap)) ** 2
+        if settings.tile and padded > settings.tile
+        else 1
+    )
     # diffusers' AutoencoderKL.tiled_decode (as sdgen configures it): tiles of tile_latent_min_size latents
     # every int(tile * (1 - 0.25)) latents, including partial tiles at the far edges
     vae_tile = max(settings.tile, upscaling.UNET_MULTIPLE) if settings.tile > 0 else padded
     vae_stride = int(vae_tile * (1 - 0.25))
     vae_tiles = len(range(0, padded, vae_stride)) ** 2 if padded > vae_tile else 1
     memctx = (lambda: CudaPeak(pipe.placement.torch_device)) if cuda else CpuPeak
-    info = {"kind": "upscale", "model": "x4", "size": size, "out_size": 4 * size, "tile": settings.tile,
-            "unet_tiles_per_step": unet_tiles, "vae_tiles": vae_tiles, "load_s": load_s, "ckpt": str(ckpt),
-            "placement": pipe.placement.describe()}
+    info = {
+        "kind": "upscale",
+        "model": "x4",
+        "size": size,
+        "out_size": 4 * size,
+        "tile": settings.tile,
+        "unet_tiles_per_step": unet_tiles,
+        "vae_tiles": vae_tiles,
+        "load_s": load_s,
+        "ckpt": str(ckpt),
+        "placement": pipe.placement.describe(),
+    }
 
     if args.single_tile:
         # one UNet call on one tile with the CFG batch of 2, and one VAE decoder tile; then extrapolate
@@ -529,17 +602,26 @@ def run_upscale(args, log) -> dict:
             labels = torch.full((2,), settings.noise_level, dtype=torch.long, device=dev)
             unet_runs, vae_runs = [], []
             for i in range(args.warmup + args.repeats):
-                r = timed("unet tile", lambda: pipe.unet(x, t_in, encoder_hidden_states=c, class_labels=labels,
-                                                          return_dict=False), probe, memctx(), 1)
-                log(f"bench: {'warmup ' if i < args.warmup else ''}UNet tile {th}x{th} (batch 2): {r.total_s:.2f} s, "
-                    f"peak {_gib(r.peak_bytes)}")
+                r = timed(
+                    "unet tile",
+                    lambda: pipe.unet(x, t_in, encoder_hidden_states=c, class_labels=labels, return_dict=False),
+                    probe,
+                    memctx(),
+                    1,
+                )
+                log(
+                    f"bench: {'warmup ' if i < args.warmup else ''}UNet tile {th}x{th} (batch 2): {r.total_s:.2f} s, "
+                    f"peak {_gib(r.peak_bytes)}"
+                )
                 if i >= args.warmup:
                     unet_runs.append(r)
             z = torch.randn(1, 4, vae_tile, vae_tile, device=dev, dtype=pipe.vae.dtype)
             for _ in range(max(args.repeats, 1)):  # no warmup: one decoder tile is long on a CPU
                 r = timed("vae tile", lambda: pipe.vae.decoder(z), probe, memctx(), 1)
-                log(f"bench: VAE decoder tile {vae_tile}x{vae_tile} latents: {r.total_s:.2f} s, "
-                    f"peak {_gib(r.peak_bytes)}")
+                log(
+                    f"bench: VAE decoder tile {vae_tile}x{vae_tile} latents: {r.total_s:.2f} s, "
+                    f"peak {_gib(r.peak_bytes)}"
+                )
                 vae_runs.append(r)
                 if not cuda:
                     break
@@ -554,20 +636,31 @@ def run_upscale(args, log) -> dict:
     for i in range(args.warmup + args.repeats):
         outdir = Path(tempfile.mkdtemp(prefix="sdgen-bench-up-"))
         out = OutputRequest(outdir=outdir, skip_grid=True, watermark=True, quiet=True)
-        r = timed("sdgen upscale", lambda: upscaling.upscale(pipe, gen, out, settings, inputs, say=log,
-                                                           emit=lambda p: None),
-                  probe, memctx(), 1, steps_of=lambda p: steps_run)
-        r.extra.update(warmup=i < args.warmup, unet_calls=probe.calls("unet"),
-                       tile_call_median_s=statistics.median([b - a for a, b in probe.events.get("unet", [(0, 0)])]))
-        log(f"bench: {'warmup ' if i < args.warmup else ''}upscale: {r.total_s:.1f} s, {r.steps} steps x "
+        r = timed(
+            "sdgen upscale",
+            lambda: upscaling.upscale(pipe, gen, out, settings, inputs, say=log, emit=lambda p: None),
+            probe,
+            memctx(),
+            1,
+            steps_of=lambda p: steps_run,
+        )
+        r.extra.update(
+            warmup=i < args.warmup,
+            unet_calls=probe.calls("unet"),
+            tile_call_median_s=statistics.median([b - a for a, b in probe.events.get("unet", [(0, 0)])]),
+        )
+        log(
+            f"bench: {'warmup ' if i < args.warmup else ''}upscale: {r.total_s:.1f} s, {r.steps} steps x "
             f"{unet_tiles} tiles, per step {r.per_step_s:.1f} s, VAE decode {r.decode_s:.1f} s, "
-            f"peak {_gib(r.peak_bytes)}" + (f" [{r.error}]" if r.error else ""))
+            f"peak {_gib(r.peak_bytes)}" + (f" [{r.error}]" if r.error else "")
+        )
         runs.append(r)
     info.update(mode="full", steps=args.steps, runs=runs, notes=list(pipe.notes), memory_level=pipe.memory.level)
     return info
 
 
 # ---- report ---------------------------------------------------------------------------------------------
+
 
 def _gib(n: int | None) -> str:
     return "n/a" if not n else f"{n / 2**30:.2f} GiB"
@@ -590,13 +683,18 @@ def environment(args) -> str:
     else:
         cpu = platform.processor() or ""
         try:
-            cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                       if line.startswith("model name"))
+            cpu = next(
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            )
         except (OSError, StopIteration):
             pass
         dev = f"CPU {cpu}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}"
-    return (f"{dev}; torch {torch.__version__}, diffusers {diffusers.__version__}, "
-            f"transformers {transformers.__version__}, Python {platform.python_version()}")
+    return (
+        f"{dev}; torch {torch.__version__}, diffusers {diffusers.__version__}, "
+        f"transformers {transformers.__version__}, Python {platform.python_version()}"
+    )
 
 
 def report_txt2img(res: dict, args) -> str:
@@ -617,8 +715,7 @@ def report_txt2img(res: dict, args) -> str:
         "sdgen": "sdgen" + (" --compile" if args.compile else "") + (" --low-vram" if args.low_vram else ""),
         "diffusers": "diffusers" + (" compiled" if args.diffusers_compile else ""),
     }
-    first = {name: next((r.total_s for r in res["runs"] if r.pipeline == name), float("nan"))
-             for name in labels}
+    first = {name: next((r.total_s for r in res["runs"] if r.pipeline == name), float("nan")) for name in labels}
     summary = {}
     for name in ("sdgen", "diffusers"):
         rs = [r for r in runs if r.pipeline == name and r.error is None]
@@ -634,27 +731,38 @@ def report_txt2img(res: dict, args) -> str:
         est = (per_step * n + fixed) / args.batch
         peak = max(r.peak_bytes for r in rs)
         summary[name] = (s_img, per_step, est, peak, fixed)
-        lines.append(f"| {labels[name]} | {s_img:.2f} | {1 / per_step:.3f} | {per_step:.3f} | {fixed:.2f} | "
-                     f"{decode:.2f} | {est:.1f} | {_gib(peak)} | {first[name]:.1f} |")
+        lines.append(
+            f"| {labels[name]} | {s_img:.2f} | {1 / per_step:.3f} | {per_step:.3f} | {fixed:.2f} | "
+            f"{decode:.2f} | {est:.1f} | {_gib(peak)} | {first[name]:.1f} |"
+        )
     if len(summary) == 2:
         a, b = summary["sdgen"], summary["diffusers"]
-        lines.append(f"| **sdgen / diffusers** | {a[0] / b[0]:.3f} | {b[1] / a[1]:.3f} | {a[1] / b[1]:.3f} | "
-                     f"{a[4] / b[4]:.3f} | | {a[2] / b[2]:.3f} | {a[3] / b[3]:.3f} | |")
+        lines.append(
+            f"| **sdgen / diffusers** | {a[0] / b[0]:.3f} | {b[1] / a[1]:.3f} | {a[1] / b[1]:.3f} | "
+            f"{a[4] / b[4]:.3f} | | {a[2] / b[2]:.3f} | {a[3] / b[3]:.3f} | |"
+        )
     method = next((r.memory_method for r in runs if r.memory_method), "")
     lines += [
         "",
         f"it/s = denoising iterations per second (one UNet call on the CFG batch of {2 * args.batch}). "
         f"Extrapolation: est. s/image @ {n} = (s/step x {n} + fixed) / batch, fixed = total - denoising span. "
         f"Peak memory: {method}"
-        + ("." if "cuda" in method else " (process RSS, includes both pipelines' own weights)."
-           if res["separate_modules"] else " (process RSS, includes the shared weights).")
+        + (
+            "."
+            if "cuda" in method
+            else " (process RSS, includes both pipelines' own weights)."
+            if res["separate_modules"]
+            else " (process RSS, includes the shared weights)."
+        )
         + " First run s: the first (warm-up) run of each pipeline"
         + (", compile included." if res["separate_modules"] else "."),
     ]
     if res.get("agreement"):
         g = res["agreement"]
-        lines.append(f"Same seed, {labels['sdgen']} vs {labels['diffusers']}: PSNR {g['psnr_db']:.1f} dB, max "
-                     f"difference {g['max_abs']} levels, mean {g['mean_abs']:.2f} (uint8 images of the last runs).")
+        lines.append(
+            f"Same seed, {labels['sdgen']} vs {labels['diffusers']}: PSNR {g['psnr_db']:.1f} dB, max "
+            f"difference {g['max_abs']} levels, mean {g['mean_abs']:.2f} (uint8 images of the last runs)."
+        )
     if res["notes"] or res["memory_level"]:
         shared = "" if res["separate_modules"] else " (the UNet/VAE settings it changed are shared with diffusers)"
         lines.append(f"sdgen notes: {res['notes']}; OOM ladder level {res['memory_level']}{shared}.")
@@ -663,9 +771,11 @@ def report_txt2img(res: dict, args) -> str:
 
 def report_upscale(res: dict, args) -> str:
     n = args.extrapolate_to
-    head = (f"### x4 upscale {res['size']}x{res['size']} -> {res['out_size']}x{res['out_size']}, tile {res['tile']} "
-            f"({res['unet_tiles_per_step']} UNet tiles/step, CFG batch 2; {res['vae_tiles']} VAE decoder tiles), "
-            f"{res['placement']}")
+    head = (
+        f"### x4 upscale {res['size']}x{res['size']} -> {res['out_size']}x{res['out_size']}, tile {res['tile']} "
+        f"({res['unet_tiles_per_step']} UNet tiles/step, CFG batch 2; {res['vae_tiles']} VAE decoder tiles), "
+        f"{res['placement']}"
+    )
     lines = [head, "", f"Environment: {environment(args)}. Load through sdgen.loader: {res['load_s']:.1f} s.", ""]
     if res["mode"] == "single-tile":
         u = _med([r.total_s for r in res["unet_tile_runs"]])
@@ -709,56 +819,104 @@ def report_upscale(res: dict, args) -> str:
 
 # ---- main -----------------------------------------------------------------------------------------------
 
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        prog="bench.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="bench.py",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Time sdgen against stock diffusers on full-size SD architectures with random weights "
-                    "(weights written once to a cache folder, loaded through sdgen's loader).",
+        "(weights written once to a cache folder, loaded through sdgen's loader).",
         epilog="Examples:" + __doc__.split("Examples:", 1)[1].split("Peak memory:")[0].rstrip(),
     )
-    p.add_argument("--model", choices=sorted(MODELS), default="sd15",
-                   help="sd15 (SD 1.5: UNet 860M, VAE, CLIP-L), sd2v (SD 2.x 768-v, OpenCLIP-H), x4 (implies "
-                        "--upscale). Default sd15.")
+    p.add_argument(
+        "--model",
+        choices=sorted(MODELS),
+        default="sd15",
+        help="sd15 (SD 1.5: UNet 860M, VAE, CLIP-L), sd2v (SD 2.x 768-v, OpenCLIP-H), x4 (implies "
+        "--upscale). Default sd15.",
+    )
     p.add_argument("--upscale", action="store_true", help="Time sdgen's tiled x4 upscale instead of txt2img.")
-    p.add_argument("--single-tile", action="store_true",
-                   help="--upscale: time one UNet tile call and one VAE decoder tile only, and extrapolate.")
+    p.add_argument(
+        "--single-tile",
+        action="store_true",
+        help="--upscale: time one UNet tile call and one VAE decoder tile only, and extrapolate.",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (cuda:N). Default: cuda if available, else cpu.")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
-                   help="Default fp16 on CUDA, fp32 on the CPU (sdgen refuses fp16 on the CPU).")
-    p.add_argument("--steps", type=int, default=None,
-                   help="Denoising steps timed. Default: txt2img 50 on CUDA, 2 on CPU; upscale 75 on CUDA, 1 on CPU.")
-    p.add_argument("--extrapolate-to", type=int, default=None,
-                   help="Steps to extrapolate to (default 50 txt2img, 75 upscale).")
-    p.add_argument("--size", type=int, default=None,
-                   help="Image side in pixels (txt2img; default the model's native 512/768) or the upscale input "
-                        "side (default 512 -> 2048).")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        default=None,
+        help="Default fp16 on CUDA, fp32 on the CPU (sdgen refuses fp16 on the CPU).",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="Denoising steps timed. Default: txt2img 50 on CUDA, 2 on CPU; upscale 75 on CUDA, 1 on CPU.",
+    )
+    p.add_argument(
+        "--extrapolate-to", type=int, default=None, help="Steps to extrapolate to (default 50 txt2img, 75 upscale)."
+    )
+    p.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="Image side in pixels (txt2img; default the model's native 512/768) or the upscale input "
+        "side (default 512 -> 2048).",
+    )
     p.add_argument("--batch", type=int, default=1, help="Images per batch (txt2img). Default 1.")
-    p.add_argument("--repeats", type=int, default=None, help="Timed runs per pipeline (default 3 CUDA, 2 CPU; "
-                                                             "upscale 1).")
-    p.add_argument("--warmup", type=int, default=None, help="Untimed runs per pipeline first (default 1; CPU "
-                                                            "upscale 0).")
+    p.add_argument(
+        "--repeats", type=int, default=None, help="Timed runs per pipeline (default 3 CUDA, 2 CPU; upscale 1)."
+    )
+    p.add_argument(
+        "--warmup", type=int, default=None, help="Untimed runs per pipeline first (default 1; CPU upscale 0)."
+    )
     p.add_argument("--tile", type=int, default=128, help="Upscale tile in input pixels (sdgen's default 128).")
-    p.add_argument("--compile", action="store_true",
-                   help="Time sdgen --compile (sdgen.compiling). diffusers then runs on its own copies of the "
-                        "modules, uncompiled unless --diffusers-compile. The warm-up run includes the compile.")
-    p.add_argument("--compile-mode", default=None,
-                   choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-                   help="torch.compile mode for sdgen --compile (default: sdgen's own choice for the device).")
-    p.add_argument("--diffusers-compile", action="store_true",
-                   help="Give diffusers its stock torch.compile recipe (reduce-overhead, channels-last, fused "
-                        "QKV, UNet + VAE decode), on its own copies of the modules.")
-    p.add_argument("--low-vram", action="store_true",
-                   help="Load sdgen with --low-vram (diffusers is skipped: it would run on offloaded modules).")
-    p.add_argument("--memory-fraction", type=float, default=None,
-                   help="CUDA only: torch.cuda.set_per_process_memory_fraction(F), to simulate a smaller card.")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="Time sdgen --compile (sdgen.compiling). diffusers then runs on its own copies of the "
+        "modules, uncompiled unless --diffusers-compile. The warm-up run includes the compile.",
+    )
+    p.add_argument(
+        "--compile-mode",
+        default=None,
+        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+        help="torch.compile mode for sdgen --compile (default: sdgen's own choice for the device).",
+    )
+    p.add_argument(
+        "--diffusers-compile",
+        action="store_true",
+        help="Give diffusers its stock torch.compile recipe (reduce-overhead, channels-last, fused "
+        "QKV, UNet + VAE decode), on its own copies of the modules.",
+    )
+    p.add_argument(
+        "--low-vram",
+        action="store_true",
+        help="Load sdgen with --low-vram (diffusers is skipped: it would run on offloaded modules).",
+    )
+    p.add_argument(
+        "--memory-fraction",
+        type=float,
+        default=None,
+        help="CUDA only: torch.cuda.set_per_process_memory_fraction(F), to simulate a smaller card.",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU). Default: torch's.")
     p.add_argument("--only", choices=("both", "sdgen", "diffusers"), default="both", help="Which pipelines.")
     p.add_argument("--prompt", default="a photograph of an astronaut riding a horse, highly detailed")
-    p.add_argument("--ckpt-dtype", choices=("fp16", "fp32", "bf16"), default="fp16",
-                   help="dtype of the random checkpoint file (sdgen casts on load). Default fp16 (half the disk).")
-    p.add_argument("--cache-dir", type=Path, default=None,
-                   help="Where the random checkpoints live (default $SDGEN_BENCH_CACHE, else "
-                        "$XDG_CACHE_HOME/sdgen-bench, else ~/.cache/sdgen-bench).")
+    p.add_argument(
+        "--ckpt-dtype",
+        choices=("fp16", "fp32", "bf16"),
+        default="fp16",
+        help="dtype of the random checkpoint file (sdgen casts on load). Default fp16 (half the disk).",
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="Where the random checkpoints live (default $SDGEN_BENCH_CACHE, else "
+        "$XDG_CACHE_HOME/sdgen-bench, else ~/.cache/sdgen-bench).",
+    )
     p.add_argument("--json", type=Path, default=None, help="Also write the raw results here.")
     p.add_argument("--markdown", type=Path, default=None, help="Also write the Markdown report here.")
     args = p.parse_args(argv)
@@ -791,7 +949,8 @@ def main(argv=None) -> int:
         args.warmup = 0 if (args.upscale and not cuda and not args.single_tile) else 1
     if args.cache_dir is None:
         base = os.environ.get("SDGEN_BENCH_CACHE") or (
-            Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdgen-bench")
+            Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdgen-bench"
+        )
         args.cache_dir = Path(base)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -810,13 +969,15 @@ def main(argv=None) -> int:
     if args.markdown:
         args.markdown.write_text(text)
     if args.json:
+
         def enc(o):
             if isinstance(o, Run):
                 return dict(asdict(o), per_step_s=o.per_step_s, fixed_s=o.fixed_s)
             return str(o)
 
-        args.json.write_text(json.dumps(dict(res, args={k: str(v) for k, v in vars(args).items()}), default=enc,
-                                        indent=1))
+        args.json.write_text(
+            json.dumps(dict(res, args={k: str(v) for k, v in vars(args).items()}), default=enc, indent=1)
+        )
     return 0
 
 

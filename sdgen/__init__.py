@@ -12,12 +12,23 @@ from typing import Any
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "load_model": "sdgen.api", "run": "sdgen.api", "RunResult": "sdgen.engine",
-    "LoadSpec": "sdgen.specs", "GenerationSpec": "sdgen.specs", "OutputSpec": "sdgen.specs",
-    "Img2ImgInput": "sdgen.specs", "UpscaleInput": "sdgen.specs",
-    "CancelToken": "sdgen.events", "Loaded": "sdgen.events", "Started": "sdgen.events", "Step": "sdgen.events",
-    "Notice": "sdgen.events", "Saved": "sdgen.events", "Finished": "sdgen.events",
-    "SdgenError": "sdgen.errors", "Cancelled": "sdgen.errors",
+    "load_model": "sdgen.api",
+    "run": "sdgen.api",
+    "RunResult": "sdgen.engine",
+    "LoadSpec": "sdgen.specs",
+    "GenerationSpec": "sdgen.specs",
+    "OutputSpec": "sdgen.specs",
+    "Img2ImgInput": "sdgen.specs",
+    "UpscaleInput": "sdgen.specs",
+    "CancelToken": "sdgen.events",
+    "Loaded": "sdgen.events",
+    "Started": "sdgen.events",
+    "Step": "sdgen.events",
+    "Notice": "sdgen.events",
+    "Saved": "sdgen.events",
+    "Finished": "sdgen.events",
+    "SdgenError": "sdgen.errors",
+    "Cancelled": "sdgen.errors",
 }
 __all__ = ["__version__", *_PUBLIC]
 

@@ -27,7 +27,8 @@ def load_model(spec: LoadSpec, modes: tuple[str, ...] | None = None, sink: Sink 
     return load(spec, modes, sink)
 
 
-def run(model: LoadedModel, spec: GenerationSpec, output: OutputSpec, sink: Sink = ignore,
-        cancel: CancelToken | None = None) -> RunResult:
+def run(
+    model: LoadedModel, spec: GenerationSpec, output: OutputSpec, sink: Sink = ignore, cancel: CancelToken | None = None
+) -> RunResult:
     """Make and write the images of ``spec``; ``sink`` hears every event; ``cancel`` stops it between steps."""
     return _run(model, spec, output, sink, cancel)

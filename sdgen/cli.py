@@ -32,6 +32,7 @@ from sdgen.specs import (
     DEFAULT_TILE,
     DEFAULT_UPSCALE_STEPS,
     MAX_SEED,
+    RANDOM_SEED,
     SEED_MODES,
     GenerationSpec,
     Img2ImgInput,
@@ -45,6 +46,7 @@ EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 130, 143
 
 
 # ---- printing the engine's events ----------------------------------------------------------------------
+
 
 class PrintingSink:
     """Events -> the terminal: a progress bar and notices on stderr (notices above the bar, never on its
@@ -80,8 +82,7 @@ class PrintingSink:
     def _open_bar(self, total: int) -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, file=sys.stderr, disable=self.quiet, unit="eval", dynamic_ncols=True,
-                        leave=False)
+        self.bar = tqdm(total=total, file=sys.stderr, disable=self.quiet, unit="eval", dynamic_ncols=True, leave=False)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -129,6 +130,7 @@ def error_boundary(verbose: bool, sink: PrintingSink) -> Iterator[None]:
 
 # ---- options --------------------------------------------------------------------------------------------
 
+
 def _options(*decorators: Callable) -> Callable:
     def apply(f: Callable) -> Callable:
         for d in reversed(decorators):
@@ -141,31 +143,58 @@ def _options(*decorators: Callable) -> Callable:
 def model_options(ckpt_help: str) -> Callable:
     return _options(
         click.option("--ckpt", type=click.Path(path_type=Path), default=None, help=ckpt_help),
-        click.option("--config", type=click.Path(path_type=Path), default=None,
-                     help="Original LDM inference yaml (v1-inference.yaml, v2-inference-v.yaml, ...) for a single-file "
-                          "checkpoint. Default: a NAME.yaml beside NAME.ckpt, else the one for the detected family."),
-        click.option("--v-prediction/--no-v-prediction", "v_prediction", default=None,
-                     help="SD 2.x: force v-prediction (768 models) or epsilon (512 models). Default: the yaml, else "
-                          "'768' in the file name means v, else epsilon."),
-        click.option("--device", default="auto", show_default=True, metavar="auto|cuda|cuda:N|mps|cpu",
-                     help="Where to run. auto = CUDA, else MPS, else CPU."),
-        click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="auto", show_default=True,
-                     help="auto = fp16 on GPUs, fp32 on the CPU (full = fp32, autocast = auto). Never fp16 on the CPU."),
+        click.option(
+            "--config",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="Original LDM inference yaml (v1-inference.yaml, v2-inference-v.yaml, ...) for a single-file "
+            "checkpoint. Default: a NAME.yaml beside NAME.ckpt, else the one for the detected family.",
+        ),
+        click.option(
+            "--v-prediction/--no-v-prediction",
+            "v_prediction",
+            default=None,
+            help="SD 2.x: force v-prediction (768 models) or epsilon (512 models). Default: the yaml, else "
+            "'768' in the file name means v, else epsilon.",
+        ),
+        click.option(
+            "--device",
+            default="auto",
+            show_default=True,
+            metavar="auto|cuda|cuda:N|mps|cpu",
+            help="Where to run. auto = CUDA, else MPS, else CPU.",
+        ),
+        click.option(
+            "--precision",
+            type=click.Choice(PRECISION_CHOICES),
+            default="auto",
+            show_default=True,
+            help="auto = fp16 on GPUs, fp32 on the CPU (full = fp32, autocast = auto). Never fp16 on the CPU.",
+        ),
         click.option("--bf16", is_flag=True, help="Same as --precision bf16 (reference SD 2 spelling)."),
-        click.option("--low-vram", "low_vram", is_flag=True,
-                     help="Smallest GPU memory: attention slicing, tiled VAE, each layer on the GPU only while it "
-                          "runs. (Without it, sdgen steps down to these by itself when CUDA runs out of memory.)"),
+        click.option(
+            "--low-vram",
+            "low_vram",
+            is_flag=True,
+            help="Smallest GPU memory: attention slicing, tiled VAE, each layer on the GPU only while it "
+            "runs. (Without it, sdgen steps down to these by itself when CUDA runs out of memory.)",
+        ),
     )
 
 
-SD_CKPT_HELP = ("Checkpoint: .safetensors/.ckpt file (SD 1.x, SD 2.x) or diffusers folder. Default: SD 1.5 from the "
-                "Hugging Face cache (downloaded once when online).")
+SD_CKPT_HELP = (
+    "Checkpoint: .safetensors/.ckpt file (SD 1.x, SD 2.x) or diffusers folder. Default: SD 1.5 from the "
+    "Hugging Face cache (downloaded once when online)."
+)
 X4_CKPT_HELP = "The x4 upscaler checkpoint (x4-upscaler-ema.safetensors) or its diffusers folder. Required."
 
 compile_option = click.option(
-    "--compile", "compile_models", is_flag=True,
+    "--compile",
+    "compile_models",
+    is_flag=True,
     help="torch.compile the UNet and VAE decoder (with CUDA graphs on a GPU). The first run of a size and batch "
-         "compiles for minutes; later runs reuse ~/.cache/sdgen/torch-compile. On the CPU it saves little.")
+    "compiles for minutes; later runs reuse ~/.cache/sdgen/torch-compile. On the CPU it saves little.",
+)
 
 seed_help = f"Seed 0..{MAX_SEED}; -1 or none: a random one, printed and stored in each PNG."
 
@@ -175,42 +204,95 @@ def sampling_options(mode: str) -> Callable:
     names = IMG2IMG_SAMPLER_NAMES if img2img else SAMPLER_NAMES
     plms = [] if img2img else [click.option("--plms", is_flag=True, help="Same as --sampler plms.")]
     return _options(
-        click.option("--negative-prompt", "--negative_prompt", "negative_prompt", default="",
-                     help="What to steer away from."),
-        click.option("--steps", "--ddim_steps", "steps", type=int, default=DEFAULT_STEPS, show_default=True,
-                     help="Denoising steps."),
-        click.option("--sampler", type=click.Choice(names), default=None,
-                     help="Sampler (default ddim). ddim, plms and dpm reproduce the reference scripts."
-                          + (" (plms cannot start part-way: not for img2img.)" if img2img else "")),
+        click.option(
+            "--negative-prompt", "--negative_prompt", "negative_prompt", default="", help="What to steer away from."
+        ),
+        click.option(
+            "--steps",
+            "--ddim_steps",
+            "steps",
+            type=int,
+            default=DEFAULT_STEPS,
+            show_default=True,
+            help="Denoising steps.",
+        ),
+        click.option(
+            "--sampler",
+            type=click.Choice(names),
+            default=None,
+            help="Sampler (default ddim). ddim, plms and dpm reproduce the reference scripts."
+            + (" (plms cannot start part-way: not for img2img.)" if img2img else ""),
+        ),
         *plms,
         click.option("--dpm", "--dpm_solver", "dpm", is_flag=True, help="Same as --sampler dpm."),
-        click.option("--scale", type=float, default=None,
-                     help=f"Classifier-free guidance scale. Default {default_scale_help(mode)} (the reference {mode})."),
-        click.option("--ddim_eta", "--eta", "eta", type=float, default=0.0, show_default=True,
-                     help="DDIM eta (0 = deterministic; ddim only)."),
-        click.option("-n", "--n_samples", "--n-samples", "n_samples", type=int, default=1, show_default=True,
-                     help="Images per batch."),
-        click.option("--n_iter", "--n-iter", "n_iter", type=int, default=1, show_default=True,
-                     help="Number of batches (of every prompt)."),
+        click.option(
+            "--scale",
+            type=float,
+            default=None,
+            help=f"Classifier-free guidance scale. Default {default_scale_help(mode)} (the reference {mode}).",
+        ),
+        click.option(
+            "--ddim_eta",
+            "--eta",
+            "eta",
+            type=float,
+            default=0.0,
+            show_default=True,
+            help="DDIM eta (0 = deterministic; ddim only).",
+        ),
+        click.option(
+            "-n",
+            "--n_samples",
+            "--n-samples",
+            "n_samples",
+            type=int,
+            default=1,
+            show_default=True,
+            help="Images per batch.",
+        ),
+        click.option(
+            "--n_iter",
+            "--n-iter",
+            "n_iter",
+            type=int,
+            default=1,
+            show_default=True,
+            help="Number of batches (of every prompt).",
+        ),
         click.option("--seed", type=str, default=None, help=seed_help),
-        click.option("--seed-mode", type=click.Choice(SEED_MODES), default=DEFAULT_SEED_MODE, show_default=True,
-                     help="per-image: image k uses seed+k (CPU noise, reproducible alone anywhere). reference: "
-                          "noise drawn as the reference scripts draw it (same seed, same images)."),
-        click.option("--fixed_code", "--fixed-code", "fixed_code", is_flag=True,
-                     help="Use the same starting noise for every batch."),
+        click.option(
+            "--seed-mode",
+            type=click.Choice(SEED_MODES),
+            default=DEFAULT_SEED_MODE,
+            show_default=True,
+            help="per-image: image k uses seed+k (CPU noise, reproducible alone anywhere). reference: "
+            "noise drawn as the reference scripts draw it (same seed, same images).",
+        ),
+        click.option(
+            "--fixed_code",
+            "--fixed-code",
+            "fixed_code",
+            is_flag=True,
+            help="Use the same starting noise for every batch.",
+        ),
     )
 
 
 grid_options = _options(
     click.option("--skip_grid", "--skip-grid", "skip_grid", is_flag=True, help="Do not save a grid."),
     click.option("--skip_save", "--skip-save", "skip_save", is_flag=True, help="Do not save single images."),
-    click.option("--n_rows", "--n-rows", "n_rows", type=int, default=0,
-                 help="Images per grid row (default n_samples)."),
+    click.option(
+        "--n_rows", "--n-rows", "n_rows", type=int, default=0, help="Images per grid row (default n_samples)."
+    ),
 )
 
 common_output_options = _options(
-    click.option("--no-watermark", "no_watermark", is_flag=True,
-                 help="Do not embed the invisible watermark of the reference scripts."),
+    click.option(
+        "--no-watermark",
+        "no_watermark",
+        is_flag=True,
+        help="Do not embed the invisible watermark of the reference scripts.",
+    ),
     click.option("-q", "--quiet", is_flag=True, help="No progress bar or notices; only the written paths."),
     click.option("-v", "--verbose", is_flag=True, help="Show tracebacks for errors."),
 )
@@ -218,10 +300,17 @@ common_output_options = _options(
 prompt_options = _options(
     click.argument("prompt_arg", metavar="[PROMPT]", required=False),
     click.option("--prompt", "prompt_opt", default=None, help="The prompt (same as the argument)."),
-    click.option("--from-file", "--from_file", "from_file", type=click.Path(path_type=Path), default=None,
-                 help="A text file with one prompt per line, batched n_samples at a time."),
-    click.option("--repeat", type=int, default=1, show_default=True,
-                 help="With --from-file: make each line this many times."),
+    click.option(
+        "--from-file",
+        "--from_file",
+        "from_file",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="A text file with one prompt per line, batched n_samples at a time.",
+    ),
+    click.option(
+        "--repeat", type=int, default=1, show_default=True, help="With --from-file: make each line this many times."
+    ),
 )
 
 size_options = _options(
@@ -232,20 +321,23 @@ size_options = _options(
 
 def _outdir_option(default: str, grid: bool = True) -> Callable:
     where = "Images go to OUTDIR/samples/NNNNN.png" + (", grids to OUTDIR/grid-NNNN.png." if grid else ".")
-    return click.option("--outdir", type=click.Path(path_type=Path), default=Path(default), show_default=True,
-                        help=where)
+    return click.option(
+        "--outdir", type=click.Path(path_type=Path), default=Path(default), show_default=True, help=where
+    )
 
 
 # ---- options -> specs -----------------------------------------------------------------------------------
 
-def _parse_seed(text: str | None) -> int | None:
+
+def _parse_seed(text: str | None) -> int:
     if text is None:
-        return None
+        return RANDOM_SEED
     try:
         return int(text.strip())
     except ValueError:
-        raise click.BadParameter(f"{text!r} is not an integer (0..{MAX_SEED}, or -1 for random)",
-                                 param_hint="'--seed'") from None
+        raise click.BadParameter(
+            f"{text!r} is not an integer (0..{MAX_SEED}, or -1 for random)", param_hint="'--seed'"
+        ) from None
 
 
 def _sampler(sampler: str | None, plms: bool, dpm: bool) -> str:
@@ -265,8 +357,10 @@ def _prompts(o: dict) -> tuple[list[str], bool]:
         raise click.BadParameter(f"{repeat} (must be at least 1)", param_hint="'--repeat'")
     if from_file is None:
         if repeat != 1:
-            raise click.UsageError("--repeat repeats the lines of --from-file; for more images of one prompt use "
-                                   "-n/--n_samples or --n_iter")
+            raise click.UsageError(
+                "--repeat repeats the lines of --from-file; for more images of one prompt use "
+                "-n/--n_samples or --n_iter"
+            )
         prompt = prompt_arg if prompt_arg is not None else prompt_opt
         if prompt is None:
             raise click.UsageError("no prompt: give one as an argument, with --prompt, or with --from-file")
@@ -279,22 +373,45 @@ def _prompts(o: dict) -> tuple[list[str], bool]:
 def _generation_spec(o: dict, mode: str, **parts: Any) -> GenerationSpec:
     prompts, is_file = _prompts(o)
     return GenerationSpec(
-        prompts=tuple(prompts), mode=mode, from_file=is_file, negative_prompt=o["negative_prompt"], steps=o["steps"],
-        sampler=_sampler(o["sampler"], o.get("plms", False), o["dpm"]), scale=o["scale"], eta=o["eta"],
-        height=o["height"], width=o["width"], seed=_parse_seed(o["seed"]), seed_mode=o["seed_mode"],
-        fixed_code=o["fixed_code"], n_samples=o["n_samples"], n_iter=o["n_iter"], **parts,
+        prompts=tuple(prompts),
+        mode=mode,
+        from_file=is_file,
+        negative_prompt=o["negative_prompt"],
+        steps=o["steps"],
+        sampler=_sampler(o["sampler"], o.get("plms", False), o["dpm"]),
+        scale=o["scale"],
+        eta=o["eta"],
+        height=o["height"],
+        width=o["width"],
+        seed=_parse_seed(o["seed"]),
+        seed_mode=o["seed_mode"],
+        fixed_code=o["fixed_code"],
+        n_samples=o["n_samples"],
+        n_iter=o["n_iter"],
+        **parts,
     )
 
 
 def _load_spec(o: dict) -> LoadSpec:
-    return LoadSpec(ckpt=o["ckpt"], config=o["config"], v_prediction=o["v_prediction"], device=o["device"],
-                    precision="bf16" if o["bf16"] else o["precision"], low_vram=o["low_vram"],
-                    compile=o.get("compile_models", False))
+    return LoadSpec(
+        ckpt=o["ckpt"],
+        config=o["config"],
+        v_prediction=o["v_prediction"],
+        device=o["device"],
+        precision="bf16" if o["bf16"] else o["precision"],
+        low_vram=o["low_vram"],
+        compile=o.get("compile_models", False),
+    )
 
 
 def _output_spec(o: dict) -> OutputSpec:
-    return OutputSpec(outdir=o["outdir"], skip_grid=o.get("skip_grid", True), skip_save=o.get("skip_save", False),
-                      watermark=not o["no_watermark"], n_rows=o.get("n_rows", 0))
+    return OutputSpec(
+        outdir=o["outdir"],
+        skip_grid=o.get("skip_grid", True),
+        skip_save=o.get("skip_save", False),
+        watermark=not o["no_watermark"],
+        n_rows=o.get("n_rows", 0),
+    )
 
 
 def _run(load: LoadSpec, gen: GenerationSpec, out: OutputSpec, sink: PrintingSink) -> None:
@@ -305,6 +422,7 @@ def _run(load: LoadSpec, gen: GenerationSpec, out: OutputSpec, sink: PrintingSin
 
 
 # ---- commands -------------------------------------------------------------------------------------------
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="sdgen")
@@ -336,10 +454,21 @@ def txt2img(**o: Any) -> None:
 
 @cli.command()
 @prompt_options
-@click.option("--init-img", "--init_img", "init_img", type=click.Path(path_type=Path), required=True,
-              help="The starting image (PNG, JPEG, WebP, ...).")
-@click.option("--strength", type=float, default=DEFAULT_STRENGTH, show_default=True,
-              help="How much to change it: 0 keeps the image (its VAE round trip), 1 ignores it.")
+@click.option(
+    "--init-img",
+    "--init_img",
+    "init_img",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="The starting image (PNG, JPEG, WebP, ...).",
+)
+@click.option(
+    "--strength",
+    type=float,
+    default=DEFAULT_STRENGTH,
+    show_default=True,
+    help="How much to change it: 0 keeps the image (its VAE round trip), 1 ignores it.",
+)
 @size_options
 @_outdir_option("outputs/img2img-samples")
 @sampling_options("img2img")
@@ -362,19 +491,47 @@ def img2img(**o: Any) -> None:
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="INPUT...")
 @click.option("--prompt", default="", help="What the image shows (optional; helps the upscaler).")
 @click.option("--negative-prompt", "--negative_prompt", "negative_prompt", default="", help="What to steer away from.")
-@click.option("--noise-level", "--noise_level", "noise_level", type=int, default=DEFAULT_NOISE_LEVEL,
-              show_default=True,
-              help=f"Noise added to the input, 0..{MAX_NOISE_LEVEL}: higher invents more detail, lower stays closer.")
-@click.option("--steps", "--ddim_steps", "steps", type=int, default=DEFAULT_UPSCALE_STEPS, show_default=True,
-              help="Denoising steps.")
-@click.option("--scale", type=float, default=None, help=f"Classifier-free guidance scale. Default {default_scale_help('upscale')}.")
+@click.option(
+    "--noise-level",
+    "--noise_level",
+    "noise_level",
+    type=int,
+    default=DEFAULT_NOISE_LEVEL,
+    show_default=True,
+    help=f"Noise added to the input, 0..{MAX_NOISE_LEVEL}: higher invents more detail, lower stays closer.",
+)
+@click.option(
+    "--steps",
+    "--ddim_steps",
+    "steps",
+    type=int,
+    default=DEFAULT_UPSCALE_STEPS,
+    show_default=True,
+    help="Denoising steps.",
+)
+@click.option(
+    "--scale",
+    type=float,
+    default=None,
+    help=f"Classifier-free guidance scale. Default {default_scale_help('upscale')}.",
+)
 @click.option("--sampler", type=click.Choice(SAMPLER_NAMES), default="ddim", show_default=True, help="Sampler.")
 @click.option("--ddim_eta", "--eta", "eta", type=float, default=0.0, show_default=True, help="DDIM eta (ddim only).")
 @click.option("--seed", type=str, default=None, help=seed_help)
-@click.option("--seed-mode", type=click.Choice(SEED_MODES), default=DEFAULT_SEED_MODE, show_default=True,
-              help="per-image: input k uses seed+k. reference: every input uses the seed.")
-@click.option("--tile", type=int, default=DEFAULT_TILE, show_default=True,
-              help="Tile size in input pixels for big inputs (UNet and VAE); 0 never tiles. Smaller uses less memory.")
+@click.option(
+    "--seed-mode",
+    type=click.Choice(SEED_MODES),
+    default=DEFAULT_SEED_MODE,
+    show_default=True,
+    help="per-image: input k uses seed+k. reference: every input uses the seed.",
+)
+@click.option(
+    "--tile",
+    type=int,
+    default=DEFAULT_TILE,
+    show_default=True,
+    help="Tile size in input pixels for big inputs (UNet and VAE); 0 never tiles. Smaller uses less memory.",
+)
 @_outdir_option("outputs/upscale-samples", grid=False)
 @model_options(X4_CKPT_HELP)
 @common_output_options
@@ -387,9 +544,18 @@ def upscale(**o: Any) -> None:
     sink = PrintingSink(o["quiet"])
     with error_boundary(o["verbose"], sink):
         part = UpscaleInput(images=tuple(o["inputs"]), noise_level=o["noise_level"], tile=o["tile"])
-        gen = GenerationSpec(prompts=(o["prompt"],), mode="upscale", negative_prompt=o["negative_prompt"],
-                             steps=o["steps"], sampler=o["sampler"], scale=o["scale"], eta=o["eta"],
-                             seed=_parse_seed(o["seed"]), seed_mode=o["seed_mode"], upscale=part)
+        gen = GenerationSpec(
+            prompts=(o["prompt"],),
+            mode="upscale",
+            negative_prompt=o["negative_prompt"],
+            steps=o["steps"],
+            sampler=o["sampler"],
+            scale=o["scale"],
+            eta=o["eta"],
+            seed=_parse_seed(o["seed"]),
+            seed_mode=o["seed_mode"],
+            upscale=part,
+        )
         if o["ckpt"] is None:
             raise click.UsageError("--ckpt is required: the x4 upscaler checkpoint (x4-upscaler-ema.safetensors)")
         _run(_load_spec(o), gen, _output_spec(o), sink)

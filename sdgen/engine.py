@@ -73,9 +73,18 @@ def run(
     if not (out.skip_save and out.skip_grid):
         writer.prepare()
     n = samplers.evaluations(spec.sampler, spec.steps, inputs.t_enc)
-    sink(Started(seed=spec.seed, seed_mode=spec.seed_mode, sampler=spec.sampler, steps=spec.steps,  # type: ignore[arg-type]
-                 evaluations=n, batches=len(items), images=spec.image_count,
-                 why=samplers.evaluations_note(spec.sampler, spec.steps, n)))
+    sink(
+        Started(
+            seed=spec.seed,
+            seed_mode=spec.seed_mode,
+            sampler=spec.sampler,
+            steps=spec.steps,
+            evaluations=n,
+            batches=len(items),
+            images=spec.image_count,
+            why=samplers.evaluations_note(spec.sampler, spec.steps, n),
+        )
+    )
     run_noise = None if inputs.noise_per_item else inputs.noise_source(items[0])
     meta = run_metadata(model, spec, scale)
     result, grid_images = RunResult(), []
@@ -90,24 +99,44 @@ def run(
         rgbs, seeds = redo_after_failure(model, noise, make_batch, notes)
         # 5. Each image saved as soon as it exists
         for i, rgb in enumerate(rgbs):
-            image_meta = dict(meta, **model.state(), **inputs.metadata(item), prompt=item.prompts[i], seed=seeds[i],
-                              batch=item.batch, batch_index=i, notes=list(notes.items))
+            image_meta = dict(
+                meta,
+                **model.state(),
+                **inputs.metadata(item),
+                prompt=item.prompts[i],
+                seed=seeds[i],
+                batch=item.batch,
+                batch_index=i,
+                notes=list(notes.items),
+            )
             if not out.skip_save:
                 _save(writer.save_sample(rgb, image_meta), image_meta, result, sink)
             if inputs.makes_grid and not out.skip_grid:
                 grid_images.append((rgb, item.prompts[i], seeds[i]))
             result.images += 1
     if len(grid_images) > 1:
-        _save_grid(writer, grid_images, out.n_rows or spec.n_samples, dict(meta, **model.state(),
-                   **inputs.metadata(items[0]), seed=spec.seed, notes=list(notes.items)), result, sink)
+        _save_grid(
+            writer,
+            grid_images,
+            out.n_rows or spec.n_samples,
+            dict(meta, **model.state(), **inputs.metadata(items[0]), seed=spec.seed, notes=list(notes.items)),
+            result,
+            sink,
+        )
     sink(Finished(images=result.images, paths=tuple(result.paths)))
     return result
 
 
 @torch.no_grad()
 def _make_batch(
-    model: LoadedModel, spec: GenerationSpec, item: jobs.WorkItem, inputs: Txt2ImgInputs, noise: NoiseSource,
-    scale: float, callback: samplers.Callback, notes: RunNotes,
+    model: LoadedModel,
+    spec: GenerationSpec,
+    item: jobs.WorkItem,
+    inputs: Txt2ImgInputs,
+    noise: NoiseSource,
+    scale: float,
+    callback: samplers.Callback,
+    notes: RunNotes,
 ) -> tuple[list[np.ndarray], list[int]]:
     # 1. Conditioning: the prompts' text features (the negative prompt's first), then the mode's image inputs
     cond = encode_prompts(model, list(item.prompts), spec.negative_prompt, scale, notes.tell)
@@ -115,11 +144,19 @@ def _make_batch(
     batch = noise.batch(item.seeds)
     cond, x0 = inputs.prepare(item, cond, batch)
     # 3. Sampling, tile by tile when the mode tiles and the latents are larger than a tile
-    params = samplers.SamplingParams(steps=spec.steps, schedule=model.schedule, v_prediction=model.v_prediction,
-                                     eta=spec.eta, generators=batch.generators, x0=x0, t_enc=inputs.t_enc)
+    params = samplers.SamplingParams(
+        steps=spec.steps,
+        schedule=model.schedule,
+        v_prediction=model.v_prediction,
+        eta=spec.eta,
+        generators=batch.generators,
+        x0=x0,
+        t_enc=inputs.t_enc,
+    )
     with model.memory.using("unet"):
-        latents = samplers.sample(spec.sampler, tiled_guided(model, cond, scale, inputs.tile), batch.start, params,
-                                  callback)
+        latents = samplers.sample(
+            spec.sampler, tiled_guided(model, cond, scale, inputs.tile), batch.start, params, callback
+        )
     # 4. Pixels
     pixels = _decode(model, _finite(model, latents), inputs.tile, notes)
     return inputs.finish(item, to_uint8(pixels)), batch.seeds
@@ -148,8 +185,10 @@ def _decode(model: LoadedModel, latents: torch.Tensor, tile: int, notes: RunNote
     try:
         return decode_tiled(model, latents, tile)
     except HalfOverflow:
-        notes.record("VAE decoded in fp32 after a half-precision overflow",
-                     "sdgen: the VAE overflowed in half precision; decoding in fp32 from now on")
+        notes.record(
+            "VAE decoded in fp32 after a half-precision overflow",
+            "sdgen: the VAE overflowed in half precision; decoding in fp32 from now on",
+        )
         model.upcast("vae")
         return decode_tiled(model, latents, tile)
 
@@ -164,9 +203,10 @@ def redo_after_failure(model: LoadedModel, noise: NoiseSource, make_batch: Calla
         try:
             return make_batch()
         except HalfOverflow:
-            notes.record("UNet ran in fp32 after a half-precision overflow",
-                         f"sdgen: the UNet overflowed in {model.placement.precision}; redoing this batch with the "
-                         "UNet in fp32")
+            notes.record(
+                "UNet ran in fp32 after a half-precision overflow",
+                f"sdgen: the UNet overflowed in {model.placement.precision}; redoing this batch with the UNet in fp32",
+            )
             model.upcast("unet")
         except Exception as e:
             if not is_out_of_memory(e):
@@ -194,8 +234,14 @@ def _save(path: Path, meta: dict[str, Any], result: RunResult, sink: Sink, grid:
     sink(Saved(path=path, metadata=meta, grid=grid))
 
 
-def _save_grid(writer: ImageWriter, images: list[tuple[np.ndarray, str, int]], per_row: int, meta: dict[str, Any],
-               result: RunResult, sink: Sink) -> None:
+def _save_grid(
+    writer: ImageWriter,
+    images: list[tuple[np.ndarray, str, int]],
+    per_row: int,
+    meta: dict[str, Any],
+    result: RunResult,
+    sink: Sink,
+) -> None:
     """The grid records every image's prompt and seed; its 'parameters' prompt lists each distinct prompt."""
     prompts = [p for _, p, _ in images]
     distinct = list(dict.fromkeys(prompts))

@@ -57,4 +57,4 @@ def fit_size(
         raise InputError(f"init image {w0}x{h0} is too small (at least {multiple}x{multiple} pixels)")
     if (w, h) == (w0, h0):
         return img, None
-    return img.resize((w, h), resample=Image.LANCZOS), f"resized the input from {w0}x{h0} to {w}x{h}"
+    return img.resize((w, h), resample=Image.Resampling.LANCZOS), f"resized the input from {w0}x{h0} to {w}x{h}"

@@ -22,6 +22,7 @@ def plan(spec: GenerationSpec) -> list[WorkItem]:
     """The reference's batching: one prompt -> n_samples copies per batch; a prompt file -> its lines in
     chunks of n_samples (the last chunk may be smaller); the whole plan runs n_iter times. Upscale: one
     item per input image."""
+    chunks: list[tuple[str, ...]]
     if spec.upscale is not None:
         chunks = [(spec.prompts[0],)] * len(spec.upscale.images)
     elif spec.from_file:
@@ -31,8 +32,15 @@ def plan(spec: GenerationSpec) -> list[WorkItem]:
         chunks = [(spec.prompts[0],) * spec.n_samples] * spec.n_iter
     items, index = [], 0
     for number, prompts in enumerate(chunks):
-        items.append(WorkItem(index=index, batch=number, prompts=prompts, seeds=_seeds(spec, index, len(prompts)),
-                              input_index=number if spec.upscale is not None else None))
+        items.append(
+            WorkItem(
+                index=index,
+                batch=number,
+                prompts=prompts,
+                seeds=_seeds(spec, index, len(prompts)),
+                input_index=number if spec.upscale is not None else None,
+            )
+        )
         index += len(prompts)
     return items
 
@@ -40,7 +48,6 @@ def plan(spec: GenerationSpec) -> list[WorkItem]:
 def _seeds(spec: GenerationSpec, index: int, count: int) -> tuple[int, ...]:
     """per-image: seed + global index (--fixed_code: every batch reuses the first batch's seeds; an upscale
     input k uses seed + k). reference: the run's one seed for every image."""
-    assert spec.seed is not None
     if spec.seed_mode == "reference":
         return (spec.seed,) * count
     base = 0 if spec.fixed_code and spec.upscale is None else index

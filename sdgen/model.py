@@ -113,6 +113,7 @@ class LoadedModel:
         if not torch.isfinite(x).all():
             if self.vae.dtype != torch.float32:
                 raise HalfOverflow("vae")
-            raise ModelOutputError("the VAE produced NaN/inf values even in fp32: the checkpoint's VAE weights "
-                                   "are broken")
+            raise ModelOutputError(
+                "the VAE produced NaN/inf values even in fp32: the checkpoint's VAE weights are broken"
+            )
         return x.float()

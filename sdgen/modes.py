@@ -37,8 +37,14 @@ class Txt2ImgInputs:
     def noise_source(self, item: WorkItem) -> NoiseSource:
         f, spec = self.model.vae_factor, self.spec
         shape = (self.model.latent_channels, self.height // f, self.width // f)
-        source = NoiseSource(spec.seed, spec.seed_mode, self.model.placement.torch_device,  # type: ignore[arg-type]
-                             shape, spec.fixed_code, self._extra_noise_shape(shape))
+        source = NoiseSource(
+            spec.seed,
+            spec.seed_mode,
+            self.model.placement.torch_device,
+            shape,
+            spec.fixed_code,
+            self._extra_noise_shape(shape),
+        )
         source.start(spec.n_samples)
         return source
 
@@ -79,11 +85,13 @@ class Img2ImgInputs(Txt2ImgInputs):
 
     def prepare(self, item: WorkItem, cond: Conditioning, noise: BatchNoise) -> tuple[Conditioning, Any]:
         # the reference's get_first_stage_encoding: a posterior sample, times the latent scale factor
+        assert noise.extra is not None
         return cond, (self.mean + self.std * noise.extra) * self.model.latent_scale
 
     def metadata(self, item: WorkItem) -> dict[str, Any]:
-        return dict(super().metadata(item), strength=self.strength, init_image_sha256=self.sha256,
-                    init_image=str(self.path))
+        return dict(
+            super().metadata(item), strength=self.strength, init_image_sha256=self.sha256, init_image=str(self.path)
+        )
 
 
 class UpscaleInputs(Txt2ImgInputs):
@@ -101,7 +109,8 @@ class UpscaleInputs(Txt2ImgInputs):
         self.low_ac = (model.low_res_schedule or X4_LOW_RES_SCHEDULE).alphas_cumprod().to(model.placement.device)
         # every input was read once when the spec was made; it is read again here, by the run that uses it
         self.inputs: list[tuple[Path, np.ndarray, str]] = [
-            (p, np.asarray(images.load_rgb(p, "INPUT")), images.sha256(p)) for p in spec.upscale.images]
+            (p, np.asarray(images.load_rgb(p, "INPUT")), images.sha256(p)) for p in spec.upscale.images
+        ]
 
     def _padded(self, item: WorkItem) -> np.ndarray:
         rgb = self.inputs[item.input_index][1]  # type: ignore[index]
@@ -111,8 +120,13 @@ class UpscaleInputs(Txt2ImgInputs):
 
     def noise_source(self, item: WorkItem) -> NoiseSource:
         h, w = self._padded(item).shape[:2]
-        source = NoiseSource(self.spec.seed, self.spec.seed_mode, self.model.placement.torch_device,  # type: ignore[arg-type]
-                             (self.model.latent_channels, h, w), extra_shape=(3, h, w))
+        source = NoiseSource(
+            self.spec.seed,
+            self.spec.seed_mode,
+            self.model.placement.torch_device,
+            (self.model.latent_channels, h, w),
+            extra_shape=(3, h, w),
+        )
         source.start(1)
         return source
 
@@ -121,6 +135,7 @@ class UpscaleInputs(Txt2ImgInputs):
         padded = self._padded(item)
         low_res = torch.from_numpy(padded.astype(np.float32) / 255.0).permute(2, 0, 1)[None].to(device) * 2.0 - 1.0
         level = self.settings.noise_level
+        assert noise.extra is not None
         augmented = augment_low_res(low_res, noise.extra, level, self.low_ac)
         labels = torch.tensor([level], dtype=torch.long, device=device)
         return Conditioning(cond.cond, cond.uncond, concat=augmented, class_labels=labels), None
@@ -132,10 +147,19 @@ class UpscaleInputs(Txt2ImgInputs):
     def metadata(self, item: WorkItem) -> dict[str, Any]:
         path, rgb, digest = self.inputs[item.input_index]  # type: ignore[index]
         h0, w0 = rgb.shape[:2]
-        return {"width": 4 * w0, "height": 4 * h0, "noise_level": self.settings.noise_level,
-                "input_image": str(path), "input_image_sha256": digest, "input_size": f"{w0}x{h0}",
-                "tile": self.tile}
+        return {
+            "width": 4 * w0,
+            "height": 4 * h0,
+            "noise_level": self.settings.noise_level,
+            "input_image": str(path),
+            "input_image_sha256": digest,
+            "input_size": f"{w0}x{h0}",
+            "tile": self.tile,
+        }
 
 
 MODE_INPUTS: dict[str, type[Txt2ImgInputs]] = {
-    "txt2img": Txt2ImgInputs, "img2img": Img2ImgInputs, "upscale": UpscaleInputs}
+    "txt2img": Txt2ImgInputs,
+    "img2img": Img2ImgInputs,
+    "upscale": UpscaleInputs,
+}

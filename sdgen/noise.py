@@ -58,8 +58,8 @@ class NoiseSource:
         return self._generator.get_state() if self._generator is not None else None
 
     def restore(self, state: object) -> None:
-        if state is not None:
-            self._generator.set_state(state)
+        if state is not None and self._generator is not None:
+            self._generator.set_state(state)  # type: ignore[arg-type]  # what snapshot() returned
 
     def _draw(self, batch: int) -> torch.Tensor:
         return torch.randn((batch, *self.shape), generator=self._generator, device=self.device)
@@ -85,9 +85,12 @@ def drawer(generators: object, device: torch.device):
     """A function drawing one standard-normal tensor of a batch's shape from the batch's generator(s):
     the reference's noise_like (one generator, one call) or one draw per image from its own generator."""
     if isinstance(generators, list):
+
         def draw(shape: tuple) -> torch.Tensor:
             return torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generators]).to(device)
     else:
+
         def draw(shape: tuple) -> torch.Tensor:
-            return torch.randn(shape, generator=generators, device=device)
+            return torch.randn(shape, generator=generators, device=device)  # type: ignore[call-overload]
+
     return draw

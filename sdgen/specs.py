@@ -123,21 +123,27 @@ class LoadSpec(_Spec):
         _set(self, "device", validate_device_name(self.device))
         precision = PRECISION_ALIASES.get(self.precision, self.precision)
         if precision not in PRECISIONS:
-            raise UsageError(f"--precision {self.precision!r}: expected one of {', '.join(PRECISIONS)} "
-                             "(or full, autocast)")
+            raise UsageError(
+                f"--precision {self.precision!r}: expected one of {', '.join(PRECISIONS)} (or full, autocast)"
+            )
         _set(self, "precision", precision)
         if self.device == "cpu" and precision == "fp16":
-            raise DeviceError("--precision fp16 is not supported on the CPU (no half-precision convolutions); "
-                              "use fp32 or bf16")
+            raise DeviceError(
+                "--precision fp16 is not supported on the CPU (no half-precision convolutions); use fp32 or bf16"
+            )
         if self.compile and self.low_vram:
-            raise UsageError("--compile and --low-vram do not go together (offloading moves weights under the "
-                             "compiled graphs); choose one")
+            raise UsageError(
+                "--compile and --low-vram do not go together (offloading moves weights under the "
+                "compiled graphs); choose one"
+            )
         if self.ckpt is not None and not self.ckpt.exists():
             raise CheckpointError(f"--ckpt {self.ckpt}: no such file")
         if self.config is not None:
             if self.ckpt is not None and self.ckpt.is_dir():
-                raise UsageError(f"--config {self.config}: a diffusers folder brings its own configs; --config is "
-                                 "for single-file checkpoints")
+                raise UsageError(
+                    f"--config {self.config}: a diffusers folder brings its own configs; --config is "
+                    "for single-file checkpoints"
+                )
             if not self.config.is_file():
                 raise ConfigError(f"--config {self.config}: no such file")
 
@@ -179,7 +185,7 @@ class GenerationSpec(_Spec):
     eta: float = DEFAULT_ETA
     height: int | None = None  # None: the model's native size (img2img: the init image's)
     width: int | None = None
-    seed: int | None = None  # None or -1: random, chosen here once so that the spec replays exactly
+    seed: int = RANDOM_SEED  # -1: random, chosen here once so that the spec (and its PNG) replays exactly
     seed_mode: str = DEFAULT_SEED_MODE
     fixed_code: bool = False
     n_samples: int = 1  # images per batch
@@ -188,7 +194,7 @@ class GenerationSpec(_Spec):
     upscale: UpscaleInput | None = None
 
     def __post_init__(self) -> None:
-        if self.seed is None or self.seed == RANDOM_SEED:
+        if self.seed == RANDOM_SEED:
             _set(self, "seed", secrets.randbelow(MAX_SEED + 1))
         _set(self, "prompts", tuple(self.prompts))
         self._check_values()
@@ -213,7 +219,7 @@ class GenerationSpec(_Spec):
             raise UsageError(f"--n_samples {self.n_samples}: must be between 1 and {MAX_BATCH}")
         if self.n_iter < 1:
             raise UsageError(f"--n_iter {self.n_iter}: must be at least 1")
-        if not 0 <= self.seed <= MAX_SEED:  # type: ignore[operator]
+        if not 0 <= self.seed <= MAX_SEED:
             raise UsageError(f"--seed {self.seed}: must be between 0 and {MAX_SEED} (or -1 for a random one)")
         if self.seed_mode not in SEED_MODES:
             raise UsageError(f"--seed-mode {self.seed_mode!r}: expected one of {', '.join(SEED_MODES)}")
@@ -230,8 +236,10 @@ class GenerationSpec(_Spec):
             raise UsageError("upscale needs its input images (UpscaleInput), and only upscale takes them")
         if self.img2img is not None:
             if not SAMPLERS[self.sampler].img2img:
-                raise UsageError(f"--sampler {self.sampler}: img2img cannot start it part-way (the reference "
-                                 "img2img refuses it too); use ddim or another sampler")
+                raise UsageError(
+                    f"--sampler {self.sampler}: img2img cannot start it part-way (the reference "
+                    "img2img refuses it too); use ddim or another sampler"
+                )
             images.fit_size(images.load_rgb(self.img2img.init_image, "--init-img"), self.width, self.height)
         if self.upscale is not None:
             if self.width is not None or self.height is not None or self.n_samples != 1 or self.n_iter != 1:

@@ -12,9 +12,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from sdgen.testing.ldm_layout import write_tiny
-
 from sdgen.cli import cli
+from sdgen.testing.ldm_layout import write_tiny
 
 NETWORK_ATTEMPTS: list[str] = []
 
@@ -50,8 +49,13 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     """Tiny random-weight checkpoints in the original layout, each with NAME.yaml beside it."""
     root = tmp_path_factory.mktemp("tiny")
     paths: dict[str, Path] = {}
-    for family, fmt in (("sd1", "ckpt"), ("sd1", "safetensors"), ("sd2", "safetensors"), ("sd2v", "ckpt"),
-                        ("x4", "safetensors")):
+    for family, fmt in (
+        ("sd1", "ckpt"),
+        ("sd1", "safetensors"),
+        ("sd2", "safetensors"),
+        ("sd2v", "ckpt"),
+        ("x4", "safetensors"),
+    ):
         folder = root / f"{family}-{fmt}"
         ckpt, cfg = write_tiny(family, folder, fmt)
         paths[f"{family}.{fmt}"] = ckpt
@@ -72,15 +76,28 @@ def save_as_diffusers(ckpt: Path, folder: Path) -> Path:
     pipe.text_encoder.save_pretrained(folder / "text_encoder")
     s = pipe.schedule
     (folder / "scheduler").mkdir()
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({
-        "_class_name": "DDIMScheduler", "beta_start": s.linear_start, "beta_end": s.linear_end,
-        "num_train_timesteps": s.timesteps,
-        "prediction_type": "v_prediction" if pipe.v_prediction else "epsilon"}))
+    (folder / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "DDIMScheduler",
+                "beta_start": s.linear_start,
+                "beta_end": s.linear_end,
+                "num_train_timesteps": s.timesteps,
+                "prediction_type": "v_prediction" if pipe.v_prediction else "epsilon",
+            }
+        )
+    )
     if pipe.low_res_schedule is not None:
         (folder / "low_res_scheduler").mkdir()
-        (folder / "low_res_scheduler" / "scheduler_config.json").write_text(json.dumps({
-            "_class_name": "DDPMScheduler", "beta_start": pipe.low_res_schedule.linear_start,
-            "beta_end": pipe.low_res_schedule.linear_end}))
+        (folder / "low_res_scheduler" / "scheduler_config.json").write_text(
+            json.dumps(
+                {
+                    "_class_name": "DDPMScheduler",
+                    "beta_start": pipe.low_res_schedule.linear_start,
+                    "beta_end": pipe.low_res_schedule.linear_end,
+                }
+            )
+        )
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     return folder
 

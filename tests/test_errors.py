@@ -59,8 +59,13 @@ def test_inpainting_checkpoint_is_named(sdgen, tmp_path):
     path = tmp_path / "inpaint.safetensors"
     from safetensors.torch import save_file
 
-    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(32, 9, 3, 3),
-               "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(4)}, str(path))
+    save_file(
+        {
+            "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(32, 9, 3, 3),
+            "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(4),
+        },
+        str(path),
+    )
     assert_one_line_error(sdgen("txt2img", "x", "--ckpt", path, *SMALL), 1, "an inpainting checkpoint")
 
 
@@ -139,8 +144,9 @@ def test_bad_arguments(sdgen, tiny, tiny_diffusers, tmp_path, monkeypatch, args,
     args = tuple({"{diffusers}": str(tiny["sd1.yaml"]), "{file}": str(tmp_path / "a-file")}.get(a, a) for a in args)
     monkeypatch.setattr(loading, "_load_single_file", _must_not_load)
     monkeypatch.setattr(loading, "_load_diffusers_folder", _must_not_load)
-    run = sdgen("txt2img", "x", "--ckpt", ckpt, "-H", "64", "-W", "64", "--steps", "2", "--outdir", tmp_path / "o",
-                *args)
+    run = sdgen(
+        "txt2img", "x", "--ckpt", ckpt, "-H", "64", "-W", "64", "--steps", "2", "--outdir", tmp_path / "o", *args
+    )
     assert_one_line_error(run, code, *needles)
     assert no_outputs(tmp_path)
 

@@ -27,11 +27,13 @@ def test_header_parser_only_raises_value_error_on_garbage(head, size):
         pass
 
 
-entries = st.fixed_dictionaries({
-    "dtype": st.sampled_from([*SAFETENSORS_DTYPE_SIZES, "F99", 3, None]),
-    "shape": st.one_of(st.lists(st.integers(-2, 6), max_size=3), st.text(max_size=3), st.none()),
-    "data_offsets": st.one_of(st.lists(st.integers(-8, 300), min_size=0, max_size=3), st.none()),
-})
+entries = st.fixed_dictionaries(
+    {
+        "dtype": st.sampled_from([*SAFETENSORS_DTYPE_SIZES, "F99", 3, None]),
+        "shape": st.one_of(st.lists(st.integers(-2, 6), max_size=3), st.text(max_size=3), st.none()),
+        "data_offsets": st.one_of(st.lists(st.integers(-8, 300), min_size=0, max_size=3), st.none()),
+    }
+)
 
 
 @FUZZ
@@ -68,13 +70,30 @@ def test_reading_random_files_fails_only_with_checkpoint_error(tmp_path, data):
 
 
 values = st.one_of(
-    st.integers(-10**12, 10**12).map(str),
+    st.integers(-(10**12), 10**12).map(str),
     st.floats(allow_nan=True, allow_infinity=True).map(str),
     st.sampled_from(["", "abc", "nan", "-0", "1e400", "0x10", " 7 ", "512", "64", "8"]),
 )
 options = st.lists(
-    st.tuples(st.sampled_from(["-H", "-W", "--steps", "--seed", "--scale", "--n_samples", "--n_iter",
-                               "--ddim_eta", "--sampler", "--device", "--precision", "--seed-mode"]), values),
+    st.tuples(
+        st.sampled_from(
+            [
+                "-H",
+                "-W",
+                "--steps",
+                "--seed",
+                "--scale",
+                "--n_samples",
+                "--n_iter",
+                "--ddim_eta",
+                "--sampler",
+                "--device",
+                "--precision",
+                "--seed-mode",
+            ]
+        ),
+        values,
+    ),
     max_size=5,
 )
 

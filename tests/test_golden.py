@@ -26,30 +26,147 @@ SMALL = ("-H", "64", "-W", "64", "--seed", "7", "--skip_grid")
 
 # name -> (checkpoint key, arguments after the checkpoint)
 CASES: dict[str, tuple[str, tuple[str, ...]]] = {
-    **{f"sd2v-{s}": ("sd2v", ("txt2img", "a fox", *SMALL, "--steps", "5", "--sampler", s))
-       for s in ("ddim", "plms", "dpm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lms", "heun", "unipc")},
-    **{f"sd1-{s}": ("sd1", ("txt2img", "a cat", *SMALL, "--steps", "5", "--sampler", s))
-       for s in ("ddim", "plms", "dpm", "euler_a")},
+    **{
+        f"sd2v-{s}": ("sd2v", ("txt2img", "a fox", *SMALL, "--steps", "5", "--sampler", s))
+        for s in ("ddim", "plms", "dpm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lms", "heun", "unipc")
+    },
+    **{
+        f"sd1-{s}": ("sd1", ("txt2img", "a cat", *SMALL, "--steps", "5", "--sampler", s))
+        for s in ("ddim", "plms", "dpm", "euler_a")
+    },
     "sd1-ddim-eta": ("sd1", ("txt2img", "a cat", *SMALL, "--steps", "5", "--ddim_eta", "0.5")),
-    "sd1-negative-scale3": ("sd1", ("txt2img", "a cat", *SMALL, "--steps", "4", "--scale", "3",
-                                    "--negative-prompt", "a dog")),
+    "sd1-negative-scale3": (
+        "sd1",
+        ("txt2img", "a cat", *SMALL, "--steps", "4", "--scale", "3", "--negative-prompt", "a dog"),
+    ),
     "sd1-batch2-per-image": ("sd1", ("txt2img", "a cat", *SMALL, "--steps", "4", "-n", "2", "--n_iter", "2")),
-    "sd1-batch2-reference": ("sd1", ("txt2img", "a cat", *SMALL, "--steps", "4", "-n", "2", "--n_iter", "2",
-                                     "--seed-mode", "reference", "--ddim_eta", "0.3")),
-    "sd1-img2img-ddim": ("sd1", ("img2img", "a bird", "--init-img", "{init}", "--strength", "0.5", "--steps", "6",
-                                 "--seed", "7", "-n", "2", "--skip_grid")),
-    "sd1-img2img-reference": ("sd1", ("img2img", "a bird", "--init-img", "{init}", "--strength", "0.5",
-                                      "--steps", "6", "--seed", "7", "-n", "2", "--skip_grid",
-                                      "--seed-mode", "reference")),
-    "sd2v-img2img-euler": ("sd2v", ("img2img", "a bird", "--init-img", "{init}", "--strength", "0.5",
-                                    "--steps", "6", "--seed", "7", "--sampler", "euler")),
-    "sd2v-img2img-dpm": ("sd2v", ("img2img", "a bird", "--init-img", "{init}", "--strength", "0.5",
-                                  "--steps", "6", "--seed", "7", "--sampler", "dpm")),
+    "sd1-batch2-reference": (
+        "sd1",
+        (
+            "txt2img",
+            "a cat",
+            *SMALL,
+            "--steps",
+            "4",
+            "-n",
+            "2",
+            "--n_iter",
+            "2",
+            "--seed-mode",
+            "reference",
+            "--ddim_eta",
+            "0.3",
+        ),
+    ),
+    "sd1-img2img-ddim": (
+        "sd1",
+        (
+            "img2img",
+            "a bird",
+            "--init-img",
+            "{init}",
+            "--strength",
+            "0.5",
+            "--steps",
+            "6",
+            "--seed",
+            "7",
+            "-n",
+            "2",
+            "--skip_grid",
+        ),
+    ),
+    "sd1-img2img-reference": (
+        "sd1",
+        (
+            "img2img",
+            "a bird",
+            "--init-img",
+            "{init}",
+            "--strength",
+            "0.5",
+            "--steps",
+            "6",
+            "--seed",
+            "7",
+            "-n",
+            "2",
+            "--skip_grid",
+            "--seed-mode",
+            "reference",
+        ),
+    ),
+    "sd2v-img2img-euler": (
+        "sd2v",
+        (
+            "img2img",
+            "a bird",
+            "--init-img",
+            "{init}",
+            "--strength",
+            "0.5",
+            "--steps",
+            "6",
+            "--seed",
+            "7",
+            "--sampler",
+            "euler",
+        ),
+    ),
+    "sd2v-img2img-dpm": (
+        "sd2v",
+        (
+            "img2img",
+            "a bird",
+            "--init-img",
+            "{init}",
+            "--strength",
+            "0.5",
+            "--steps",
+            "6",
+            "--seed",
+            "7",
+            "--sampler",
+            "dpm",
+        ),
+    ),
     "x4-untiled": ("x4", ("upscale", "{small}", "--steps", "4", "--seed", "3", "--prompt", "a cat")),
-    "x4-tiled": ("x4", ("upscale", "{large}", "{small}", "--steps", "3", "--seed", "3", "--tile", "32",
-                        "--prompt", "a cat", "--negative-prompt", "blurry")),
-    "x4-reference": ("x4", ("upscale", "{small}", "{small}", "--steps", "3", "--seed", "3",
-                            "--seed-mode", "reference", "--prompt", "a cat", "--negative-prompt", "blurry")),
+    "x4-tiled": (
+        "x4",
+        (
+            "upscale",
+            "{large}",
+            "{small}",
+            "--steps",
+            "3",
+            "--seed",
+            "3",
+            "--tile",
+            "32",
+            "--prompt",
+            "a cat",
+            "--negative-prompt",
+            "blurry",
+        ),
+    ),
+    "x4-reference": (
+        "x4",
+        (
+            "upscale",
+            "{small}",
+            "{small}",
+            "--steps",
+            "3",
+            "--seed",
+            "3",
+            "--seed-mode",
+            "reference",
+            "--prompt",
+            "a cat",
+            "--negative-prompt",
+            "blurry",
+        ),
+    ),
     "sd1-low-vram": ("sd1", ("txt2img", "a cat", *SMALL, "--steps", "4", "--low-vram")),
 }
 
@@ -111,8 +228,10 @@ def vivid(tmp_path_factory):
     from sdgen.testing.ldm_layout import write_tiny
 
     root = tmp_path_factory.mktemp("vivid")
-    return {family: write_tiny(family, root / family, "safetensors", seed=1, contrast=1.0)[0]
-            for family in ("sd1", "sd2v", "x4")}
+    return {
+        family: write_tiny(family, root / family, "safetensors", seed=1, contrast=1.0)[0]
+        for family in ("sd1", "sd2v", "x4")
+    }
 
 
 def _fill(arg: str, inputs: dict) -> str:
@@ -127,8 +246,11 @@ def _summary(path) -> tuple[list[int], float]:
 @pytest.mark.parametrize("name", list(CASES))
 def test_golden(sdgen, vivid, tmp_path, name):
     family, args = CASES[name]
-    inputs = {"init": gradient_image(tmp_path / "init.png", 64, 48), "small": gradient_image(tmp_path / "s.png", 24, 16),
-              "large": gradient_image(tmp_path / "l.png", 48, 40)}
+    inputs = {
+        "init": gradient_image(tmp_path / "init.png", 64, 48),
+        "small": gradient_image(tmp_path / "s.png", 24, 16),
+        "large": gradient_image(tmp_path / "l.png", 48, 40),
+    }
     run = sdgen(*[_fill(a, inputs) for a in args], "--ckpt", vivid[family], "--outdir", tmp_path / "out")
     assert run.code == 0, run
     got = [_summary(p) for p in run.paths]

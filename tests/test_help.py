@@ -36,7 +36,8 @@ def test_python_dash_m_works():
 
 
 def test_txt2img_help_names_reference_spellings():
-    out = subprocess.run([sys.executable, "-m", "sdgen", "txt2img", "--help"], capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "sdgen", "txt2img", "--help"], capture_output=True, text=True, timeout=60
+    )
     for flag in ("--ddim_steps", "--n_samples", "--plms", "--dpm_solver", "--ckpt", "--seed-mode", "--from-file"):
         assert flag in out.stdout, flag

@@ -20,8 +20,20 @@ def meta(path):
 
 def test_img2img_keeps_size_and_records_init(sdgen, tiny, tmp_path):
     init = gradient_image(tmp_path / "sketch.png", 96, 64)
-    run = sdgen("img2img", "--prompt", "a bird on a branch", "--init-img", init, "--ckpt", tiny["sd1.ckpt"],
-                "--strength", "0.5", "--seed", "3", *FAST)
+    run = sdgen(
+        "img2img",
+        "--prompt",
+        "a bird on a branch",
+        "--init-img",
+        init,
+        "--ckpt",
+        tiny["sd1.ckpt"],
+        "--strength",
+        "0.5",
+        "--seed",
+        "3",
+        *FAST,
+    )
     assert run.code == 0, run
     (path,) = run.paths
     assert path.parent.as_posix().endswith("outputs/img2img-samples/samples")
@@ -90,8 +102,9 @@ def test_strength_1_ignores_the_init_image(sdgen, tiny, tmp_path):
     a = sdgen(*common, "--init-img", one).paths[0]
     b = sdgen(*common, "--init-img", two).paths[0]
     assert np.array_equal(pixels(a), pixels(b))
-    c = sdgen("img2img", "x", "--ckpt", tiny["sd1.safetensors"], "--strength", "0.5", "--seed", "4", *FAST,
-              "--init-img", two).paths[0]
+    c = sdgen(
+        "img2img", "x", "--ckpt", tiny["sd1.safetensors"], "--strength", "0.5", "--seed", "4", *FAST, "--init-img", two
+    ).paths[0]
     assert not np.array_equal(pixels(a), pixels(c))
 
 
@@ -122,8 +135,9 @@ def test_samplers_start_part_way(sdgen, tiny, tmp_path, sampler):
 )
 def test_bad_img2img_arguments(sdgen, tiny, tmp_path, args, needles):
     init = gradient_image(tmp_path / "a.png", 64, 64)
-    run = sdgen("img2img", "x", "--init-img", init, "--ckpt", tiny["sd1.safetensors"], *FAST, *args,
-                "--outdir", tmp_path / "o")
+    run = sdgen(
+        "img2img", "x", "--init-img", init, "--ckpt", tiny["sd1.safetensors"], *FAST, *args, "--outdir", tmp_path / "o"
+    )
     assert_one_line_error(run, 2, *needles)
     assert not (tmp_path / "o").exists()
 

@@ -26,6 +26,7 @@ SMALL = ("-H", "64", "-W", "64", "--steps", "2")
 
 # ---- 1. hostile pickles -------------------------------------------------------------------------------
 
+
 class _Reduce:
     """An object that pickles as a call of ``func(*args)``: what a malicious checkpoint contains."""
 
@@ -96,6 +97,7 @@ def test_malicious_tensor_payload_inside_state_dict(sdgen, tmp_path):
 
 # ---- 2. broken files ----------------------------------------------------------------------------------
 
+
 def _header(tensors: dict, data: bytes) -> bytes:
     head = json.dumps(tensors).encode()
     return struct.pack("<Q", len(head)) + head + data
@@ -108,15 +110,32 @@ def _header(tensors: dict, data: bytes) -> bytes:
         ("short.safetensors", b"\x01\x00", "not a checkpoint"),
         ("huge-header.safetensors", struct.pack("<Q", 10**12) + b"{}", "header length"),
         ("not-json.safetensors", struct.pack("<Q", 4) + b"{abc", "not valid JSON"),
-        ("lying-size.safetensors",
-         _header({"a": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64]}}, b"\0" * 16), "outside"),
-        ("lying-shape.safetensors",
-         _header({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}}, b"\0" * 16), "bytes stored"),
-        ("overlap.safetensors",
-         _header({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
-                  "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}, b"\0" * 24), "overlap"),
-        ("bad-dtype.safetensors",
-         _header({"a": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4), "unknown dtype"),
+        (
+            "lying-size.safetensors",
+            _header({"a": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64]}}, b"\0" * 16),
+            "outside",
+        ),
+        (
+            "lying-shape.safetensors",
+            _header({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}}, b"\0" * 16),
+            "bytes stored",
+        ),
+        (
+            "overlap.safetensors",
+            _header(
+                {
+                    "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                    "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]},
+                },
+                b"\0" * 24,
+            ),
+            "overlap",
+        ),
+        (
+            "bad-dtype.safetensors",
+            _header({"a": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4),
+            "unknown dtype",
+        ),
     ],
 )
 def test_broken_safetensors(sdgen, tmp_path, name, content, needle):
@@ -161,6 +180,7 @@ def test_unreadable_init_image_and_prompt_file_folder(sdgen, tiny, tmp_path):
 
 # ---- 4. out of memory ---------------------------------------------------------------------------------
 
+
 def _inject(monkeypatch, cls, method: str, fail_when):
     original = getattr(cls, method)
     calls = {"n": 0}
@@ -204,8 +224,9 @@ def test_oom_at_the_bottom_keeps_earlier_images_and_says_what_to_try(sdgen, tiny
     from diffusers import UNet2DConditionModel
 
     _inject(monkeypatch, UNet2DConditionModel, "forward", lambda n, self: n > 2)  # batch 1 has 2 UNet calls
-    run = sdgen("txt2img", "x", "--ckpt", tiny["sd1.safetensors"], *SMALL, "--n_iter", "3", "--skip_grid",
-                "--outdir", tmp_path)
+    run = sdgen(
+        "txt2img", "x", "--ckpt", tiny["sd1.safetensors"], *SMALL, "--n_iter", "3", "--skip_grid", "--outdir", tmp_path
+    )
     assert run.code == 1
     assert "Error: out of GPU memory even with sequential CPU offload" in run.stderr
     assert "-H/-W" in run.stderr and "Traceback" not in run.stderr
@@ -250,6 +271,7 @@ def test_per_layer_offload_hooks_change_no_numbers_and_keep_an_upcast(tiny):
 
 # ---- 5. overflow in half precision --------------------------------------------------------------------
 
+
 def test_unet_overflow_in_half_precision_is_redone_in_fp32(sdgen, tiny, monkeypatch):
     from diffusers import UNet2DConditionModel
 
@@ -287,8 +309,10 @@ def test_vae_overflow_in_half_precision_decodes_in_fp32(sdgen, tiny, monkeypatch
     assert run.code == 0, run
     assert "VAE overflowed" in run.stderr
     assert pixels(run.paths[0]).std() > 0.5
-    assert "VAE decoded in fp32 after a half-precision overflow" in json.loads(
-        Image.open(run.paths[0]).info["sdgen"])["notes"]
+    assert (
+        "VAE decoded in fp32 after a half-precision overflow"
+        in json.loads(Image.open(run.paths[0]).info["sdgen"])["notes"]
+    )
 
 
 def test_nan_even_in_fp32_is_an_error_not_a_black_image(sdgen, tiny, monkeypatch, tmp_path):
@@ -308,13 +332,35 @@ def test_nan_even_in_fp32_is_an_error_not_a_black_image(sdgen, tiny, monkeypatch
 
 # ---- 6. interrupts and disks --------------------------------------------------------------------------
 
+
 def _start(tiny, outdir: Path, n_iter: int = 200) -> subprocess.Popen:
-    args = [sys.executable, "-m", "sdgen", "txt2img", "x", "--ckpt", str(tiny["sd1.safetensors"]), *SMALL,
-            "--n_iter", str(n_iter), "--skip_grid", "-q", "--outdir", str(outdir), "--seed", "1"]
+    args = [
+        sys.executable,
+        "-m",
+        "sdgen",
+        "txt2img",
+        "x",
+        "--ckpt",
+        str(tiny["sd1.safetensors"]),
+        *SMALL,
+        "--n_iter",
+        str(n_iter),
+        "--skip_grid",
+        "-q",
+        "--outdir",
+        str(outdir),
+        "--seed",
+        "1",
+    ]
     # As from a terminal: a shell without job control starts background jobs with SIGINT ignored, and a child
     # inherits that (Python then keeps ignoring it), so a test run started with '&' would see no Ctrl-C.
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -365,6 +411,7 @@ def test_outdir_that_is_a_file(sdgen, tiny, tmp_path):
 
 
 # ---- 7. concurrency -----------------------------------------------------------------------------------
+
 
 def test_two_processes_into_one_folder_never_collide(tiny, tmp_path):
     procs = [_start(tiny, tmp_path, n_iter=4) for _ in range(2)]

@@ -67,8 +67,15 @@ def analytic_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 def _run(name: str, v: bool, eta: float, img2img: bool) -> tuple[torch.Tensor, int]:
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2)) if img2img else None
-    params = SamplingParams(steps=6, schedule=Schedule(), v_prediction=v, eta=eta,
-                            generators=torch.Generator().manual_seed(1), x0=x0, t_enc=3 if img2img else None)
+    params = SamplingParams(
+        steps=6,
+        schedule=Schedule(),
+        v_prediction=v,
+        eta=eta,
+        generators=torch.Generator().manual_seed(1),
+        x0=x0,
+        t_enc=3 if img2img else None,
+    )
     calls: list[int] = []
     out = sample(name, analytic_model, noise, params, lambda x: calls.append(1))
     return out, len(calls)
@@ -99,5 +106,7 @@ def test_img2img_strength_0_and_1():
     assert sample("ddim", analytic_model, noise, p, lambda x: None) is x0
     full = SamplingParams(steps=6, schedule=Schedule(), v_prediction=False)
     p1 = SamplingParams(steps=6, schedule=Schedule(), v_prediction=False, x0=x0, t_enc=6)
-    assert torch.equal(sample("ddim", analytic_model, noise, p1, lambda x: None),
-                       sample("ddim", analytic_model, noise, full, lambda x: None))
+    assert torch.equal(
+        sample("ddim", analytic_model, noise, p1, lambda x: None),
+        sample("ddim", analytic_model, noise, full, lambda x: None),
+    )

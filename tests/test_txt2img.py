@@ -21,8 +21,20 @@ def meta(path):
 
 
 def test_sd1_ckpt_to_watermarked_png(sdgen, tiny, no_network):
-    run = sdgen("txt2img", "a hamster painting with a brush", "--ckpt", tiny["sd1.ckpt"],
-                "-H", "256", "-W", "256", "--steps", "10", "--seed", "42")
+    run = sdgen(
+        "txt2img",
+        "a hamster painting with a brush",
+        "--ckpt",
+        tiny["sd1.ckpt"],
+        "-H",
+        "256",
+        "-W",
+        "256",
+        "--steps",
+        "10",
+        "--seed",
+        "42",
+    )
     assert run.code == 0, run
     assert [p.name for p in run.paths] == ["00000.png"]
     path = run.paths[0]
@@ -43,8 +55,22 @@ def test_sd1_ckpt_to_watermarked_png(sdgen, tiny, no_network):
 
 
 def test_sd2_safetensors_marks_sdv2_and_uses_scale_9(sdgen, tiny):
-    run = sdgen("txt2img", "a red fox", "--ckpt", tiny["sd2.safetensors"], "-H", "256", "-W", "256",
-                "--steps", "4", "--seed", "7", "--negative-prompt", "blurry")
+    run = sdgen(
+        "txt2img",
+        "a red fox",
+        "--ckpt",
+        tiny["sd2.safetensors"],
+        "-H",
+        "256",
+        "-W",
+        "256",
+        "--steps",
+        "4",
+        "--seed",
+        "7",
+        "--negative-prompt",
+        "blurry",
+    )
     assert run.code == 0, run
     img = pixels(run.paths[0])
     assert watermark.read(img, 4) == b"SDV2"
@@ -86,13 +112,27 @@ def test_diffusers_folder_matches_single_file(sdgen, tiny, tiny_diffusers, tmp_p
 
 def test_per_image_seeds_remake_any_image_alone(sdgen, tiny, tmp_path):
     """Image k of a per-image run is seed+k: a single run with that seed gives the same pixels."""
-    batch = sdgen("txt2img", "x", "--ckpt", tiny["sd1.safetensors"], *SMALL, "--seed", "10", "-n", "2",
-                  "--n_iter", "2", "--outdir", tmp_path / "batch")
+    batch = sdgen(
+        "txt2img",
+        "x",
+        "--ckpt",
+        tiny["sd1.safetensors"],
+        *SMALL,
+        "--seed",
+        "10",
+        "-n",
+        "2",
+        "--n_iter",
+        "2",
+        "--outdir",
+        tmp_path / "batch",
+    )
     assert batch.code == 0, batch
     samples = [p for p in batch.paths if p.parent.name == "samples"]
     assert [meta(p)[1]["seed"] for p in samples] == [10, 11, 12, 13]
-    alone = sdgen("txt2img", "x", "--ckpt", tiny["sd1.safetensors"], *SMALL, "--seed", "13",
-                  "--outdir", tmp_path / "alone")
+    alone = sdgen(
+        "txt2img", "x", "--ckpt", tiny["sd1.safetensors"], *SMALL, "--seed", "13", "--outdir", tmp_path / "alone"
+    )
     assert np.abs(pixels(samples[3]).astype(int) - pixels(alone.paths[0])).max() <= 1
 
 
@@ -110,8 +150,23 @@ def test_reference_mode_draws_one_batch_of_noise(sdgen, tiny, tmp_path):
 
 
 def test_fixed_code_reuses_start_noise(sdgen, tiny, tmp_path):
-    run = sdgen("txt2img", "x", "--ckpt", tiny["sd1.safetensors"], *SMALL, "--seed", "1", "--n_iter", "2",
-                "--fixed_code", "--seed-mode", "reference", "--skip_grid", "--outdir", tmp_path)
+    run = sdgen(
+        "txt2img",
+        "x",
+        "--ckpt",
+        tiny["sd1.safetensors"],
+        *SMALL,
+        "--seed",
+        "1",
+        "--n_iter",
+        "2",
+        "--fixed_code",
+        "--seed-mode",
+        "reference",
+        "--skip_grid",
+        "--outdir",
+        tmp_path,
+    )
     a, b = run.paths
     assert np.array_equal(pixels(a), pixels(b))
 
@@ -120,8 +175,21 @@ def test_batches_grid_and_numbering(sdgen, tiny, tmp_path):
     out = tmp_path / "o"
     (out / "samples").mkdir(parents=True)
     (out / "samples" / "00007.png").write_bytes(b"not ours")
-    run = sdgen("txt2img", "x", "--ckpt", tiny["sd1.safetensors"], *SMALL, "-n", "2", "--n_iter", "2",
-                "--seed", "1", "--outdir", out)
+    run = sdgen(
+        "txt2img",
+        "x",
+        "--ckpt",
+        tiny["sd1.safetensors"],
+        *SMALL,
+        "-n",
+        "2",
+        "--n_iter",
+        "2",
+        "--seed",
+        "1",
+        "--outdir",
+        out,
+    )
     assert run.code == 0, run
     names = [p.name for p in run.paths]
     assert names == ["00008.png", "00009.png", "00010.png", "00011.png", "grid-0000.png"]
@@ -134,15 +202,27 @@ def test_batches_grid_and_numbering(sdgen, tiny, tmp_path):
 def test_from_file_with_partial_last_batch(sdgen, tiny, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\n\na dog\na bird\n", encoding="utf-8")
-    run = sdgen("txt2img", "--from-file", prompts, "--ckpt", tiny["sd1.safetensors"], *SMALL, "-n", "2",
-                "--seed", "1", "--skip_grid")
+    run = sdgen(
+        "txt2img",
+        "--from-file",
+        prompts,
+        "--ckpt",
+        tiny["sd1.safetensors"],
+        *SMALL,
+        "-n",
+        "2",
+        "--seed",
+        "1",
+        "--skip_grid",
+    )
     assert run.code == 0, run
     assert [meta(p)[1]["prompt"] for p in run.paths] == ["a cat", "a dog", "a bird"]
 
 
 def test_skip_save_keeps_only_grid(sdgen, tiny, tmp_path):
-    run = sdgen("txt2img", "x", "--ckpt", tiny["sd1.safetensors"], *SMALL, "-n", "2", "--skip_save",
-                "--outdir", tmp_path)
+    run = sdgen(
+        "txt2img", "x", "--ckpt", tiny["sd1.safetensors"], *SMALL, "-n", "2", "--skip_save", "--outdir", tmp_path
+    )
     assert [p.name for p in run.paths] == ["grid-0000.png"]
 
 
@@ -154,8 +234,9 @@ def test_small_images_are_saved_without_watermark_and_say_so_once(sdgen, tiny):
 
 
 def test_no_watermark_flag(sdgen, tiny):
-    run = sdgen("txt2img", "x", "--ckpt", tiny["sd1.safetensors"], "-H", "256", "-W", "256", "--steps", "2",
-                "--no-watermark")
+    run = sdgen(
+        "txt2img", "x", "--ckpt", tiny["sd1.safetensors"], "-H", "256", "-W", "256", "--steps", "2", "--no-watermark"
+    )
     assert meta(run.paths[0])[1]["watermark"] is False
     assert watermark.read(pixels(run.paths[0]), 17) != b"StableDiffusionV1"
 
@@ -167,18 +248,38 @@ def test_long_prompt_says_it_was_cut(sdgen, tiny):
 
 
 def test_reference_spellings_work(sdgen, tiny, tmp_path):
-    run = sdgen("txt2img", "--prompt", "hello world", "--plms", "--ckpt", tiny["sd1.ckpt"], "--skip_grid",
-                "--n_samples", "1", "--ddim_steps", "3", "--H", "64", "--W", "64", "--precision", "full",
-                "--outdir", tmp_path)
+    run = sdgen(
+        "txt2img",
+        "--prompt",
+        "hello world",
+        "--plms",
+        "--ckpt",
+        tiny["sd1.ckpt"],
+        "--skip_grid",
+        "--n_samples",
+        "1",
+        "--ddim_steps",
+        "3",
+        "--H",
+        "64",
+        "--W",
+        "64",
+        "--precision",
+        "full",
+        "--outdir",
+        tmp_path,
+    )
     assert run.code == 0, run
     assert meta(run.paths[0])[1]["sampler"] == "plms"
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "plms", "dpm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras",
-                                     "lms", "heun", "unipc"])
+@pytest.mark.parametrize(
+    "sampler", ["ddim", "plms", "dpm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lms", "heun", "unipc"]
+)
 def test_every_sampler_makes_an_image(sdgen, tiny, sampler, tmp_path):
-    run = sdgen("txt2img", "x", "--ckpt", tiny["sd2v.ckpt"], *SMALL, "--sampler", sampler, "--seed", "2",
-                "--outdir", tmp_path)
+    run = sdgen(
+        "txt2img", "x", "--ckpt", tiny["sd2v.ckpt"], *SMALL, "--sampler", sampler, "--seed", "2", "--outdir", tmp_path
+    )
     assert run.code == 0, run
     img = pixels(run.paths[0])
     assert img.shape == (64, 64, 3) and img.std() > 0.5

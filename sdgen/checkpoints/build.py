@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from sdgen.errors import ConfigError
 from sdgen.checkpoints.ldm_config import Architecture
+from sdgen.errors import ConfigError
 from sdgen.families.base import CLIP_PREFIX, OPENCLIP_PREFIX
 
 TEXT_HEAD_WIDTH = 64
@@ -31,10 +31,9 @@ def meta_parameters() -> Iterator[None]:
     def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
         original(module, name, param)
         if param is not None:
-            p = module._parameters[name]
-            module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=False)
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
 
-    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    nn.Module.register_parameter = register  # type: ignore[method-assign,assignment]
     try:
         yield
     finally:

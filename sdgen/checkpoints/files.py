@@ -20,10 +20,21 @@ from typing import Any
 from sdgen.errors import CheckpointError, UnsafeCheckpointError
 
 SAFETENSORS_DTYPE_SIZES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
 }
 # A real SD header is ~100 KiB; the format caps it at 100 MB.
 MAX_SAFETENSORS_HEADER = 100_000_000
@@ -55,7 +66,7 @@ def _safe_globals() -> list[Any]:
 
     allowed: list[Any] = [(_LightningBookkeeping, name) for name in _LIGHTNING_NAMES]
     # numpy scalars (e.g. a float64 'best score') rebuild from raw bytes: no code, just data.
-    scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
+    scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar  # type: ignore[attr-defined]
     allowed += [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype]
     allowed += [type(np.dtype(t)) for t in ("float64", "float32", "float16", "int64", "int32", "bool")]
     return allowed

@@ -21,8 +21,10 @@ REACH_TIMEOUT_S = 1.5
 
 
 def _not_available(why: str) -> CheckpointError:
-    return CheckpointError(f"no --ckpt given and the default model ({DEFAULT_REPO}/{DEFAULT_FILE}) is not cached "
-                           f"and {why}; pass your checkpoint with --ckpt PATH")
+    return CheckpointError(
+        f"no --ckpt given and the default model ({DEFAULT_REPO}/{DEFAULT_FILE}) is not cached "
+        f"and {why}; pass your checkpoint with --ckpt PATH"
+    )
 
 
 def _reachable(host: str, port: int = 443) -> bool:

@@ -66,7 +66,9 @@ def _check_schema(config: Any, source: str) -> None:
         ) from None
 
 
-def resolve(state_dict: dict[str, Any], ckpt: Path, config_path: Path | None, v_prediction: bool | None) -> Architecture:
+def resolve(
+    state_dict: dict[str, Any], ckpt: Path, config_path: Path | None, v_prediction: bool | None
+) -> Architecture:
     family = detect(state_dict, str(ckpt))
     user_config = load_yaml(config_path) if config_path else None
     v = family.decide_v_prediction(state_dict, ckpt.name, v_prediction, user_config)
@@ -80,5 +82,6 @@ def resolve(state_dict: dict[str, Any], ckpt: Path, config_path: Path | None, v_
             )
     else:
         config, source = shipped_config(family, v)
-    return Architecture(family=family, config=config, config_source=source, v_prediction=v,
-                        native_size=family.native_size(v))
+    return Architecture(
+        family=family, config=config, config_source=source, v_prediction=v, native_size=family.native_size(v)
+    )

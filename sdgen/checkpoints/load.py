@@ -54,8 +54,13 @@ def load_model(spec: LoadSpec, modes: tuple[str, ...] | None = None, sink: Sink 
         from sdgen.runtime.compiling import compile_cache_dir, compile_model
 
         mode = compile_model(model)
-        sink(Notice(f"sdgen: --compile ({mode}): the first run of a size and batch compiles for minutes; the "
-                    f"compile cache is {compile_cache_dir()}", informational=True))
+        sink(
+            Notice(
+                f"sdgen: --compile ({mode}): the first run of a size and batch compiles for minutes; the "
+                f"compile cache is {compile_cache_dir()}",
+                informational=True,
+            )
+        )
     sink(Loaded(model=ckpt.name, description=model.describe(), compiled=model.compiled))
     return model
 
@@ -88,8 +93,15 @@ def _assemble(family: Family, parts: dict[str, Any], placement: Placement, **fie
     from sdgen.runtime.memory import MemoryPlan
 
     memory = MemoryPlan(dict(parts), placement.torch_device)
-    return LoadedModel(family=family, unet=parts["unet"], vae=parts["vae"], text_encoder=parts["text_encoder"],
-                       placement=placement, memory=memory, **fields)
+    return LoadedModel(
+        family=family,
+        unet=parts["unet"],
+        vae=parts["vae"],
+        text_encoder=parts["text_encoder"],
+        placement=placement,
+        memory=memory,
+        **fields,
+    )
 
 
 def _load_single_file(ckpt: Path, placement: Placement, spec: LoadSpec, families: tuple[Family, ...]) -> LoadedModel:
@@ -100,8 +112,11 @@ def _load_single_file(ckpt: Path, placement: Placement, spec: LoadSpec, families
     arch = resolve(sd, ckpt, spec.config or sibling_yaml(ckpt), spec.v_prediction)
     _check_family(arch.family, families, ckpt)
     source = str(ckpt)
-    parts = {"unet": build.build_unet(arch, sd, source), "vae": build.build_vae(arch, sd, source),
-             "text_encoder": build.build_text_encoder(arch, sd, source)}
+    parts = {
+        "unet": build.build_unet(arch, sd, source),
+        "vae": build.build_vae(arch, sd, source),
+        "text_encoder": build.build_text_encoder(arch, sd, source),
+    }
     del sd
     _place(parts, arch.family, placement, spec.low_vram)
     p = arch.params
@@ -109,9 +124,16 @@ def _load_single_file(ckpt: Path, placement: Placement, spec: LoadSpec, families
     d = X4_LOW_RES_SCHEDULE  # the defaults of the reference's low-scale model, too
     low_res = Schedule(low.get("linear_start", d.linear_start), low.get("linear_end", d.linear_end)) if low else None
     return _assemble(
-        arch.family, parts, placement, v_prediction=arch.v_prediction, low_res_schedule=low_res,
+        arch.family,
+        parts,
+        placement,
+        v_prediction=arch.v_prediction,
+        low_res_schedule=low_res,
         schedule=Schedule(p.get("linear_start", 0.00085), p.get("linear_end", 0.012), p.get("timesteps", 1000)),
-        native_size=arch.native_size, name=ckpt.stem, hash=model_hash(ckpt), config_source=arch.config_source,
+        native_size=arch.native_size,
+        name=ckpt.stem,
+        hash=model_hash(ckpt),
+        config_source=arch.config_source,
     )
 
 
@@ -136,14 +158,24 @@ def _load_diffusers_folder(
     v = sched.get("prediction_type") == "v_prediction" if spec.v_prediction is None else spec.v_prediction
     parts = {"unet": unet.eval(), "vae": vae.eval(), "text_encoder": text_encoder.eval()}
     _place(parts, family, placement, spec.low_vram)
-    schedule = Schedule(sched.get("beta_start", 0.00085), sched.get("beta_end", 0.012),
-                        sched.get("num_train_timesteps", 1000))
+    schedule = Schedule(
+        sched.get("beta_start", 0.00085), sched.get("beta_end", 0.012), sched.get("num_train_timesteps", 1000)
+    )
     low_res = None
     low_file = folder / "low_res_scheduler" / "scheduler_config.json"
     if low_file.is_file():
         low_cfg = json.loads(low_file.read_text())
         d = X4_LOW_RES_SCHEDULE
         low_res = Schedule(low_cfg.get("beta_start", d.linear_start), low_cfg.get("beta_end", d.linear_end))
-    return _assemble(family, parts, placement, v_prediction=v, schedule=schedule,
-                     native_size=int(unet.config.sample_size) * 8, name=folder.name, hash=None,
-                     config_source="diffusers folder", low_res_schedule=low_res)
+    return _assemble(
+        family,
+        parts,
+        placement,
+        v_prediction=v,
+        schedule=schedule,
+        native_size=int(unet.config.sample_size) * 8,
+        name=folder.name,
+        hash=None,
+        config_source="diffusers folder",
+        low_res_schedule=low_res,
+    )

@@ -28,9 +28,14 @@ GRID_RE = re.compile(r"^grid-(\d{4,})\.png$")
 
 
 def _output_error(path: Path, e: OSError) -> OutputError:
-    reasons = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
-               errno.EACCES: "permission denied", errno.EPERM: "permission denied", errno.EDQUOT: "quota exceeded"}
-    why = reasons.get(e.errno, e.strerror or str(e))
+    reasons = {
+        errno.ENOSPC: "the disk is full",
+        errno.EROFS: "the file system is read-only",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+        errno.EDQUOT: "quota exceeded",
+    }
+    why = reasons.get(e.errno or 0, e.strerror or str(e))
     return OutputError(f"cannot write to {path}: {why} (--outdir); images written before this are kept")
 
 
@@ -59,8 +64,9 @@ class ImageWriter:
         h, w = rgb.shape[:2]
         if not watermark.can_mark(w, h):
             if not self._told_small:
-                self.notice(f"sdgen: {w}x{h} is too small for the invisible watermark (needs 256x256 pixels); "
-                         "saved without it")
+                self.notice(
+                    f"sdgen: {w}x{h} is too small for the invisible watermark (needs 256x256 pixels); saved without it"
+                )
                 self._told_small = True
             return rgb, False
         return watermark.apply(rgb, self.payload), True

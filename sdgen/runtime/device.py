@@ -80,8 +80,9 @@ def choose(device: str = "auto", precision: str = "auto") -> Placement:
         device = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise DeviceError(f"--device {device}: CUDA is not available here (torch {torch.__version__}); "
-                              "use --device cpu")
+            raise DeviceError(
+                f"--device {device}: CUDA is not available here (torch {torch.__version__}); use --device cpu"
+            )
         index = int(device[5:]) if ":" in device else torch.cuda.current_device()
         if index >= torch.cuda.device_count():
             raise DeviceError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
@@ -91,6 +92,7 @@ def choose(device: str = "auto", precision: str = "auto") -> Placement:
     if precision == "auto":
         precision = "fp32" if device == "cpu" else "fp16"
     if device == "cpu" and precision == "fp16":
-        raise DeviceError("--precision fp16 is not supported on the CPU (no half-precision convolutions); "
-                          "use fp32 or bf16")
+        raise DeviceError(
+            "--precision fp16 is not supported on the CPU (no half-precision convolutions); use fp32 or bf16"
+        )
     return Placement(device=device, precision=precision)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -74,7 +75,7 @@ def _layer_offload(module: nn.Module, device: torch.device) -> None:
 class MemoryPlan:
     """Where a pipeline's models live, and the current rung of the ladder."""
 
-    def __init__(self, models: dict[str, nn.Module], device: torch.device, level: int = 0) -> None:
+    def __init__(self, models: dict[str, Any], device: torch.device, level: int = 0) -> None:
         self.models = models
         self.device = device
         self.level = 0
@@ -106,7 +107,7 @@ class MemoryPlan:
         return LADDER[self.level]
 
     @contextlib.contextmanager
-    def using(self, name: str) -> Iterator[nn.Module]:
+    def using(self, name: str) -> Iterator[Any]:
         """The model, on the device for the duration (moved there and back under model CPU offload)."""
         model = self.models[name]
         if not self.offloads_models:

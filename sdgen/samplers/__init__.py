@@ -27,8 +27,16 @@ from sdgen.samplers.schedule import X4_LOW_RES_SCHEDULE, Schedule
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["SAMPLERS", "SAMPLER_NAMES", "Schedule", "X4_LOW_RES_SCHEDULE", "SamplingParams", "sample",
-           "evaluations", "evaluations_note"]
+__all__ = [
+    "SAMPLERS",
+    "SAMPLER_NAMES",
+    "Schedule",
+    "X4_LOW_RES_SCHEDULE",
+    "SamplingParams",
+    "sample",
+    "evaluations",
+    "evaluations_note",
+]
 
 ModelFn = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 Callback = Callable[["torch.Tensor"], None]
@@ -52,8 +60,9 @@ SAMPLERS: dict[str, SamplerInfo] = {
     "euler": SamplerInfo("Euler", _DIFF, "EulerDiscreteScheduler"),
     "euler_a": SamplerInfo("Euler a", _DIFF, "EulerAncestralDiscreteScheduler", stochastic=True),
     "dpmpp_2m": SamplerInfo("DPM++ 2M", _DIFF, "DPMSolverMultistepScheduler"),
-    "dpmpp_2m_karras": SamplerInfo("DPM++ 2M Karras", _DIFF, "DPMSolverMultistepScheduler",
-                                   (("use_karras_sigmas", True),)),
+    "dpmpp_2m_karras": SamplerInfo(
+        "DPM++ 2M Karras", _DIFF, "DPMSolverMultistepScheduler", (("use_karras_sigmas", True),)
+    ),
     "lms": SamplerInfo("LMS", _DIFF, "LMSDiscreteScheduler"),
     "heun": SamplerInfo("Heun", _DIFF, "HeunDiscreteScheduler"),
     "unipc": SamplerInfo("UniPC", _DIFF, "UniPCMultistepScheduler"),

@@ -20,6 +20,7 @@ def make_scheduler(info: SamplerInfo, schedule: Schedule, v_prediction: bool):
         "beta_schedule": "scaled_linear",
         "prediction_type": "v_prediction" if v_prediction else "epsilon",
     }
+    assert info.scheduler is not None
     return getattr(diffusers, info.scheduler)(**common, **dict(info.options))
 
 
@@ -34,6 +35,7 @@ def sample_scheduler(
     if p.x0 is None:
         x = noise * float(sched.init_noise_sigma)
     else:
+        assert p.t_enc is not None
         start = (p.steps - p.t_enc) * sched.order
         x = sched.add_noise(p.x0, noise, sched.timesteps[start : start + 1])
     extra: dict[str, Any] = {"generator": p.generators} if info.stochastic else {}

@@ -47,6 +47,7 @@ def sample_ddim(model: ModelFn, noise: torch.Tensor, p: SamplingParams, callback
     if p.x0 is None:
         x, first = noise, len(ts)
     else:
+        assert p.t_enc is not None  # sdgen.samplers.sample passes x0 only with a t_enc
         alpha = ac[ts[p.t_enc]]
         x, first = torch.sqrt(alpha) * p.x0 + torch.sqrt(1.0 - alpha) * noise, p.t_enc
     for index in reversed(range(first)):
@@ -103,7 +104,7 @@ def sample_dpm_solver(model: ModelFn, noise: torch.Tensor, p: SamplingParams, ca
     with the 'dpm_solver' correction), as the SD 2 scripts' DPMSolverSampler runs it. img2img starts at the
     continuous time of the strength t_enc / steps and takes that share of the steps."""
     x, x0, steps, v_prediction = noise, p.x0, p.steps, p.v_prediction
-    strength = 1.0 if x0 is None else p.t_enc / p.steps
+    strength = 1.0 if x0 is None or p.t_enc is None else p.t_enc / p.steps
     alphas_cumprod = p.schedule.alphas_cumprod()
     n = alphas_cumprod.shape[0]
     log_alpha_table = 0.5 * torch.log(alphas_cumprod.to(x.device, torch.float32))
@@ -140,8 +141,7 @@ def sample_dpm_solver(model: ModelFn, noise: torch.Tensor, p: SamplingParams, ca
         alpha_t, sigma_t, lambda_t = coeffs(ts[i])
         sigma_s = coeffs(ts[i - 1])[1]
         h = lambda_t - prev_lambda
-        order2 = older is not None and not (steps < 15 and i == steps)  # lower order at the end
-        if not order2:  # DPM-Solver-1 (= DDIM) from the newest data prediction
+        if older is None or (steps < 15 and i == steps):  # DPM-Solver-1 (= DDIM) first and, for few steps, last
             x = (sigma_t / sigma_s) * x - alpha_t * torch.expm1(-h) * prev_x0
         else:
             x0_older, lambda_older = older

@@ -22,13 +22,29 @@ TEXT_WIDTH = 64  # one 64-wide head, as in the real encoders
 VOCAB = 49408
 
 TINY_UNET = {
-    "model_channels": 32, "channel_mult": [1, 2], "attention_resolutions": [1], "num_res_blocks": 1,
-    "transformer_depth": 1, "context_dim": TEXT_WIDTH, "image_size": 32, "legacy": False,
-    "use_spatial_transformer": True, "in_channels": 4, "out_channels": 4,
+    "model_channels": 32,
+    "channel_mult": [1, 2],
+    "attention_resolutions": [1],
+    "num_res_blocks": 1,
+    "transformer_depth": 1,
+    "context_dim": TEXT_WIDTH,
+    "image_size": 32,
+    "legacy": False,
+    "use_spatial_transformer": True,
+    "in_channels": 4,
+    "out_channels": 4,
 }
 TINY_VAE = {
-    "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 32,
-    "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0,
+    "double_z": True,
+    "z_channels": 4,
+    "resolution": 256,
+    "in_channels": 3,
+    "out_ch": 3,
+    "ch": 32,
+    "ch_mult": [1, 1, 1, 1],
+    "num_res_blocks": 1,
+    "attn_resolutions": [],
+    "dropout": 0.0,
 }
 
 
@@ -36,30 +52,52 @@ def tiny_config(family: str) -> dict[str, Any]:
     """The tiny model's original-style inference yaml, as a dict."""
     unet = dict(TINY_UNET)
     params: dict[str, Any] = {
-        "linear_start": 0.00085, "linear_end": 0.012, "timesteps": 1000, "image_size": 32,
-        "channels": 4, "conditioning_key": "crossattn", "scale_factor": 0.18215, "use_ema": False,
+        "linear_start": 0.00085,
+        "linear_end": 0.012,
+        "timesteps": 1000,
+        "image_size": 32,
+        "channels": 4,
+        "conditioning_key": "crossattn",
+        "scale_factor": 0.18215,
+        "use_ema": False,
     }
     if family == "sd1":
         unet["num_heads"] = 2
-        cond = {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"}
+        cond: dict[str, Any] = {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"}
     elif family == "x4":
         # the x4 upscaler: 7 input channels (latents + the noised low-res image), a noise-level class embedding,
         # cross-attention only in the attention levels, a factor-4 VAE, its own noise schedule
-        unet.update(in_channels=7, num_classes=1000, attention_resolutions=[2], num_heads=2,
-                    disable_self_attentions=[True, True], disable_middle_self_attn=False,
-                    use_linear_in_transformer=True)
-        cond = {"target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
-                "params": {"freeze": True, "layer": "penultimate"}}
-        params.update(parameterization="v", linear_start=0.0001, linear_end=0.02, scale_factor=0.08333,
-                      low_scale_key="lr", conditioning_key="hybrid-adm")
+        unet.update(
+            in_channels=7,
+            num_classes=1000,
+            attention_resolutions=[2],
+            num_heads=2,
+            disable_self_attentions=[True, True],
+            disable_middle_self_attn=False,
+            use_linear_in_transformer=True,
+        )
+        cond = {
+            "target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+            "params": {"freeze": True, "layer": "penultimate"},
+        }
+        params.update(
+            parameterization="v",
+            linear_start=0.0001,
+            linear_end=0.02,
+            scale_factor=0.08333,
+            low_scale_key="lr",
+            conditioning_key="hybrid-adm",
+        )
         params["low_scale_config"] = {
             "target": "ldm.modules.diffusionmodules.upscaling.ImageConcatWithNoiseAugmentation",
             "params": {"noise_schedule_config": {"linear_start": 0.0001, "linear_end": 0.02}, "max_noise_level": 350},
         }
     else:
         unet.update(num_head_channels=16, use_linear_in_transformer=True)
-        cond = {"target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
-                "params": {"freeze": True, "layer": "penultimate"}}
+        cond = {
+            "target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+            "params": {"freeze": True, "layer": "penultimate"},
+        }
         if family == "sd2v":
             params["parameterization"] = "v"
     params["unet_config"] = {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet}
@@ -73,6 +111,7 @@ def tiny_config(family: str) -> dict[str, Any]:
 
 
 # ---- key layouts -------------------------------------------------------------------------------------
+
 
 def _norm(out: dict, name: str, c: int) -> None:
     out[f"{name}.weight"] = (c,)
@@ -236,7 +275,9 @@ def clip_layout(width: int = TEXT_WIDTH, layers: int = 2) -> dict[str, tuple]:
 def openclip_layout(width: int = TEXT_WIDTH, layers: int = 3) -> dict[str, tuple]:
     """open_clip's text tower as saved in SD 2.x checkpoints (names after 'cond_stage_model.model.')."""
     out: dict[str, tuple] = {
-        "positional_embedding": (77, width), "text_projection": (width, width), "logit_scale": (),
+        "positional_embedding": (77, width),
+        "text_projection": (width, width),
+        "logit_scale": (),
         "token_embedding.weight": (VOCAB, width),
     }
     for i in range(layers):
@@ -262,8 +303,11 @@ def schedule_buffers(params: dict) -> dict[str, torch.Tensor]:
         return torch.tensor(a, dtype=torch.float32)
 
     return {
-        "betas": f32(betas), "alphas_cumprod": f32(ac), "alphas_cumprod_prev": f32(prev),
-        "sqrt_alphas_cumprod": f32(np.sqrt(ac)), "sqrt_one_minus_alphas_cumprod": f32(np.sqrt(1 - ac)),
+        "betas": f32(betas),
+        "alphas_cumprod": f32(ac),
+        "alphas_cumprod_prev": f32(prev),
+        "sqrt_alphas_cumprod": f32(np.sqrt(ac)),
+        "sqrt_one_minus_alphas_cumprod": f32(np.sqrt(1 - ac)),
     }
 
 
@@ -303,12 +347,13 @@ def random_state_dict(family: str, seed: int = 0, contrast: float = 0.03) -> dic
 
 # ---- files --------------------------------------------------------------------------------------------
 
+
 def _fake_lightning_module() -> tuple[type, list[str]]:
     """A class that pickles as pytorch_lightning's ModelCheckpoint, without Lightning installed."""
     names = ["pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.callbacks.model_checkpoint"]
     mods = [types.ModuleType(n) for n in names]
     cls = type("ModelCheckpoint", (), {"__module__": names[-1]})
-    mods[-1].ModelCheckpoint = cls
+    mods[-1].ModelCheckpoint = cls  # type: ignore[attr-defined]
     for n, m in zip(names, mods, strict=True):
         sys.modules.setdefault(n, m)
     return sys.modules[names[-1]].ModelCheckpoint, names
@@ -321,8 +366,12 @@ def save_ckpt(sd: dict[str, torch.Tensor], path: Path) -> None:
     callback = cls()
     callback.__dict__.update({"monitor": "val/loss_simple_ema", "best_model_score": np.float64(0.123)})
     obj = {
-        "epoch": 6, "global_step": 470000, "pytorch-lightning_version": "1.4.2",
-        "state_dict": sd, "callbacks": {cls: {"best_model_score": np.float64(0.12)}}, "callback_obj": callback,
+        "epoch": 6,
+        "global_step": 470000,
+        "pytorch-lightning_version": "1.4.2",
+        "state_dict": sd,
+        "callbacks": {cls: {"best_model_score": np.float64(0.12)}},
+        "callback_obj": callback,
     }
     try:
         torch.save(obj, path, pickle_protocol=2)
