@@ -40,7 +40,7 @@ def test_compiled_run_matches_eager_and_caches_on_disk(sdgen, tiny, tmp_path, fr
     a, b = pixels(eager.paths[0]).astype(int), pixels(compiled.paths[0]).astype(int)
     assert np.abs(a - b).max() <= 2  # fp32: inductor only reorders floating-point sums
     data = json.loads(Image.open(compiled.paths[0]).info["sdgen"])
-    assert "compiled (default)" in data["notes"]
+    assert data["compiled"] == "default"
 
     cache = tmp_path / "cache" / "sdgen" / "torch-compile"  # XDG_CACHE_HOME is tmp_path/cache in tests
     assert cache.is_dir() and any(cache.rglob("*")), "nothing written to sdgen's compile cache"

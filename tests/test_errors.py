@@ -193,10 +193,24 @@ def test_prompt_file_not_utf8(sdgen, tiny, tmp_path):
 
 
 @pytest.mark.tries_network
-def test_default_model_offline_says_how_to_pass_ckpt(sdgen, tmp_path, no_network):
+def test_default_model_offline_says_how_to_pass_ckpt_at_once(sdgen, tmp_path, no_network):
+    import time
+
+    import huggingface_hub  # noqa: F401  (imported before the clock starts, as a warm process would have it)
+
+    start = time.perf_counter()
     run = sdgen("txt2img", "x", *SMALL, "--outdir", tmp_path)
-    assert_one_line_error(run, 1, "no --ckpt given", "--ckpt PATH")
+    seconds = time.perf_counter() - start
+    assert_one_line_error(run, 1, "no --ckpt given", "cannot be reached", "--ckpt PATH")
     assert no_network  # it did try the hub (and the blocked socket stopped it)
+    assert seconds < 2, seconds  # was 23-28 s of huggingface_hub retries
+
+
+@pytest.mark.tries_network
+def test_default_model_with_hf_hub_offline_set(sdgen, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run = sdgen("txt2img", "x", *SMALL, "--outdir", tmp_path)
+    assert_one_line_error(run, 1, "no --ckpt given", "HF_HUB_OFFLINE", "--ckpt PATH")
 
 
 def test_verbose_shows_the_traceback(sdgen, tmp_path):

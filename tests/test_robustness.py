@@ -423,3 +423,39 @@ def test_two_processes_into_one_folder_never_collide(tiny, tmp_path):
     for p in (tmp_path / "samples").glob("*.png"):
         Image.open(p).load()
     assert len(list((tmp_path / "samples").iterdir())) == 8
+
+
+@pytest.mark.parametrize("sig, code, what", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
+def test_signal_during_loading_ends_cleanly(tiny, tmp_path, sig, code, what):
+    """A signal while torch and diffusers are still being imported and the checkpoint read: the same one-line
+    summary and exit code as mid-run (diffusers' lazy imports catch Exception: the signal must not be one)."""
+    proc = _start(tiny, tmp_path)
+    # torch is imported only by the load (never by the CLI's start-up): once its library is mapped, main() has
+    # installed the handlers and the load is under way (diffusers' imports and the checkpoint read follow)
+    deadline = time.monotonic() + 60
+    while "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert "seed 1 " not in err, "the run had already started: the test did not hit the load"
+    assert proc.returncode == code, err
+    assert f"sdgen: {what}; 0 file(s) written before it are complete" in err
+    assert "Traceback" not in err and "unexpected" not in err
+
+
+def test_notices_are_printed_above_the_progress_bar_never_on_its_line(capsys):
+    import re
+
+    from sdgen.cli import PrintingSink
+    from sdgen.events import Finished, Notice, Started, Step
+
+    sink = PrintingSink(quiet=False)
+    sink(Started(seed=1, seed_mode="per-image", sampler="ddim", steps=4, evaluations=4, batches=1, images=1))
+    sink(Step(i=1, n=4, batch=0))
+    sink(Notice("sdgen: a notice in the middle"))
+    sink(Step(i=2, n=4, batch=0))
+    sink(Finished(images=1, paths=()))
+    err = capsys.readouterr().err
+    assert "1/4" in err  # the bar was drawn before the notice
+    segments = [s for s in re.split(r"[\r\n]", err) if "a notice" in s]
+    assert segments == ["sdgen: a notice in the middle"], err
