@@ -2,12 +2,12 @@
 """Benchmark sdgen against stock diffusers on FULL-SIZE Stable Diffusion architectures with random weights.
 
 Speed does not depend on the weights' values, so no real checkpoint is needed: the script writes a random
-state dict in the ORIGINAL LDM key layout (the layout functions of tests/tiny_checkpoints.py applied to
+state dict in the ORIGINAL LDM key layout (the layout functions of sdgen.testing.ldm_layout applied to
 sdgen's shipped full-size yamls) as a .safetensors file in a cache folder (reused when present), and loads
-it through sdgen's real loader (sdgen.loader.load). Then, in one process and interleaved (sdgen, diffusers,
-sdgen, diffusers, ...):
+it through sdgen's real loader (sdgen.api.load_model). Then, in one process and interleaved (sdgen,
+diffusers, sdgen, diffusers, ...):
 
-  sdgen      sdgen.generate.txt2img on the loaded Pipeline (ddim, nothing saved: skip_save/skip_grid)
+  sdgen      sdgen.engine.run on the LoadedModel (txt2img, ddim, nothing saved: skip_save/skip_grid)
   diffusers  a stock diffusers StableDiffusionPipeline built from the SAME UNet/VAE/text-encoder modules,
              with a stock DDIMScheduler (scaled_linear 0.00085..0.012, steps_offset 1, set_alpha_to_one
              False, epsilon or v_prediction), output_type="np"
@@ -17,9 +17,10 @@ for both pipelines): per-step time = (end of the last UNet call - start of the f
 total - denoising span (text encoder, latents, VAE decode, post-processing). On the CPU run few steps
 (--steps 2) and read the extrapolation: s/image(N) = per-step x N + fixed.
 
---upscale (or --model x4) times sdgen's tiled x4 upscale (sdgen.upscale.upscale, as `sdgen upscale` runs
-it: PNG with watermark written) of a --size input (default 512 -> 2048) and extrapolates to 75 steps;
---single-tile times only one UNet tile call and one VAE decoder tile and extrapolates from them.
+--upscale (or --model x4) times sdgen's tiled x4 upscale (sdgen.engine.run in upscale mode, as `sdgen
+upscale` runs it: PNG with watermark written) of a --size input (default 512 -> 2048) and extrapolates to 75
+steps; --single-tile times only one UNet tile call and one VAE decode of one tile (the engine's
+sdgen.tiling tiles) and extrapolates from them.
 
 Examples:
   python bench/bench.py --model sd15 --device cpu --steps 2 --repeats 2
@@ -55,7 +56,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from sdgen.specs import DEFAULT_TILE  # imports no torch: --help stays instant
+
 MODELS = {  # bench name -> (sdgen family, v-prediction, native size)
     "sd15": ("sd1", False, 512),
     "sd2v": ("sd2", True, 768),
@@ -71,21 +73,25 @@ GUIDANCE = 7.5
 
 def _layouts():
     """The original-layout generators, shared with sdgen's tests (one source of truth for key names)."""
-    sys.path.insert(0, str(REPO / "tests"))
-    try:
-        import tiny_checkpoints as tc
-    finally:
-        sys.path.pop(0)
-    return tc
+    from sdgen.testing import ldm_layout
+
+    return ldm_layout
+
+
+def _shipped_params(model: str) -> dict:
+    """The model params of sdgen's shipped full-size yaml for ``model``."""
+    from sdgen.checkpoints.ldm_config import shipped_config
+    from sdgen.families import family_named
+
+    family, v, _ = MODELS[model]
+    config, _ = shipped_config(family_named(family), v)
+    return config["model"]["params"]
 
 
 def checkpoint_shapes(model: str) -> dict[str, tuple]:
-    from sdgen.families import shipped_config
-
     tc = _layouts()
-    family, v, _ = MODELS[model]
-    config, _ = shipped_config(family, v)
-    params = config["model"]["params"]
+    family, _, _ = MODELS[model]
+    params = _shipped_params(model)
     shapes: dict[str, tuple] = {}
     shapes.update({"model.diffusion_model." + k: s for k, s in tc.unet_layout(params["unet_config"]["params"]).items()})
     ddconfig = params["first_stage_config"]["params"]["ddconfig"]
@@ -103,8 +109,6 @@ def ensure_checkpoint(model: str, cache: Path, dtype_name: str, log) -> Path:
     """The random full-size checkpoint for ``model``, written once (its name hashes the layout)."""
     import torch
 
-    from sdgen.families import shipped_config
-
     shapes = checkpoint_shapes(model)
     digest = hashlib.sha256(json.dumps(sorted((k, list(v)) for k, v in shapes.items())).encode()).hexdigest()[:10]
     tag = "-768-v" if model == "sd2v" else ""
@@ -120,7 +124,7 @@ def ensure_checkpoint(model: str, cache: Path, dtype_name: str, log) -> Path:
     g = torch.Generator().manual_seed(0)
     sd = {}
     for name, shape in shapes.items():
-        # as tests/tiny_checkpoints.random_state_dict: norms ~1, biases ~0, weights ~N(0, 1/fan_in): finite
+        # as sdgen.testing.ldm_layout.random_state_dict: norms ~1, biases ~0, weights ~N(0, 1/fan_in): finite
         # activations through the full depth (sdgen rejects NaN/inf latents or pixels)
         if name.endswith("bias") or len(shape) <= 1:
             base = 1.0 if (name.endswith("weight") and len(shape) == 1) else 0.0
@@ -129,8 +133,7 @@ def ensure_checkpoint(model: str, cache: Path, dtype_name: str, log) -> Path:
             fan_in = int(torch.Size(shape[1:]).numel())
             t = torch.randn(shape, generator=g) / max(fan_in, 1) ** 0.5
         sd[name] = t.to(dtype).contiguous()
-    family, v, _ = MODELS[model]
-    params = shipped_config(family, v)[0]["model"]["params"]
+    params = _shipped_params(model)
     sd.update(tc.schedule_buffers(params))
     if "low_scale_config" in params:
         low = params["low_scale_config"]["params"]["noise_schedule_config"]
@@ -322,7 +325,8 @@ class Run:
 
 def timed(name: str, fn, probe: Probe, ctx, images: int, steps_of=lambda p: p.calls("unet")) -> Run:
     import torch
-    from sdgen.memory import is_out_of_memory
+
+    from sdgen.runtime.memory import is_out_of_memory
 
     probe.reset()
     error = None
@@ -361,22 +365,22 @@ def timed(name: str, fn, probe: Probe, ctx, images: int, steps_of=lambda p: p.ca
 # ---- the two pipelines ---------------------------------------------------------------------------------
 
 
-def diffusers_pipeline(pipe, v_prediction: bool, own_modules: bool = False):
-    """Stock diffusers around sdgen's loaded modules (``own_modules``: around copies of them, so that
-    compiling one pipeline leaves the other as it was)."""
+def diffusers_pipeline(model, v_prediction: bool, own_modules: bool = False):
+    """Stock diffusers around the modules of sdgen's LoadedModel (``own_modules``: around copies of them, so
+    that compiling one pipeline leaves the other as it was)."""
     import copy
 
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from sdgen.tokenizer import clip_tokenizer
 
-    unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
+    unet, vae, text_encoder = model.unet, model.vae, model.text_encoder
     if own_modules:
         unet, vae, text_encoder = copy.deepcopy(unet), copy.deepcopy(vae), copy.deepcopy(text_encoder)
 
     tokenizer = copy.deepcopy(clip_tokenizer())
     tokenizer.model_max_length = 77
-    if pipe.pad_id == 0:  # SD 2.x's diffusers tokenizer pads with "!" (id 0), as open_clip.tokenize
+    if model.family.text.pad_id == 0:  # SD 2.x's diffusers tokenizer pads with "!" (id 0), as open_clip.tokenize
         tokenizer.pad_token = "!"
     scheduler = DDIMScheduler(
         num_train_timesteps=1000,
@@ -414,45 +418,65 @@ def compile_diffusers_stock(dpipe) -> None:
     dpipe.vae.decode = torch.compile(dpipe.vae.decode, mode="reduce-overhead", fullgraph=True)
 
 
+def event_sink(log, notes: list[str] | None = None, echo: bool = False):
+    """A sink for sdgen's events (sdgen.events): the Loaded description and every Notice go to ``log``;
+    with ``notes``, the Notice messages are collected there instead (and also logged with ``echo``): the
+    loaded model keeps no notes, a run tells them to its sink."""
+    from sdgen.events import Loaded, Notice
+
+    def sink(event) -> None:
+        if isinstance(event, Notice):
+            if notes is not None:
+                notes.append(event.message)
+            if notes is None or echo:
+                log(event.message)
+        elif isinstance(event, Loaded):
+            log(f"sdgen: {event.model}: {event.description}")
+
+    return sink
+
+
+def load_sdgen(args, ckpt: Path, v: bool | None, modes: tuple[str, ...], log, low_vram: bool = False):
+    """sdgen's loader on ``ckpt`` (never compiling: --compile is applied by the caller, after any copies)."""
+    from sdgen.api import load_model
+    from sdgen.specs import LoadSpec
+
+    spec = LoadSpec(
+        ckpt=ckpt, v_prediction=v, device=args.device, precision=args.precision, low_vram=low_vram, compile=False
+    )
+    return load_model(spec, modes=modes, sink=event_sink(log))
+
+
 def run_txt2img(args, log) -> dict:
     import torch
-    from sdgen.request import GenerationRequest, LoadRequest, OutputRequest, validate
 
-    from sdgen import generate, loader
+    from sdgen import engine
+    from sdgen.specs import GenerationSpec, OutputSpec
 
-    family, v, native = MODELS[args.model]
+    _, v, native = MODELS[args.model]
     size = args.size or native
     ckpt = ensure_checkpoint(args.model, args.cache_dir, args.ckpt_dtype, log)
     t = time.perf_counter()
-    # sdgen compiles after the diffusers copy is taken (loader.load would compile the shared modules)
-    pipe = loader.load(
-        LoadRequest(
-            ckpt=ckpt,
-            v_prediction=True if v else None,
-            device=args.device,
-            precision=args.precision,
-            low_vram=args.low_vram,
-        ),
-        expect=(family,),
-        say=log,
-    )
+    # sdgen compiles after the diffusers copy is taken (LoadSpec(compile=True) would compile the shared modules)
+    model = load_sdgen(args, ckpt, True if v else None, ("txt2img",), log, low_vram=args.low_vram)
     load_s = time.perf_counter() - t
-    cuda = pipe.placement.torch_device.type == "cuda"
+    cuda = model.placement.torch_device.type == "cuda"
     separate = args.compile or args.diffusers_compile
-    dpipe = diffusers_pipeline(pipe, v, own_modules=separate) if args.only != "sdgen" else None
+    dpipe = diffusers_pipeline(model, v, own_modules=separate) if args.only != "sdgen" else None
     if args.compile:
-        from sdgen.compiling import compile_pipeline
+        from sdgen.runtime.compiling import compile_model
 
-        log(f"bench: sdgen --compile ({compile_pipeline(pipe, args.compile_mode)})")
+        log(f"bench: sdgen --compile ({compile_model(model, args.compile_mode)})")
     if args.diffusers_compile and dpipe is not None:
         compile_diffusers_stock(dpipe)
         log("bench: diffusers compiled (reduce-overhead, channels-last, fused QKV, UNet + VAE decode)")
-    probe = Probe(pipe.unet, pipe.text_encoder, pipe.vae, cuda)
+    probe = Probe(model.unet, model.text_encoder, model.vae, cuda)
     if separate and dpipe is not None:
         probe.attach(dpipe.unet, dpipe.text_encoder, dpipe.vae)
     prompt = args.prompt
-    gen = GenerationRequest(
-        batches=((prompt,) * args.batch,),
+    gen = GenerationSpec(
+        prompts=(prompt,),
+        mode="txt2img",
         steps=args.steps,
         sampler="ddim",
         scale=GUIDANCE,
@@ -460,26 +484,28 @@ def run_txt2img(args, log) -> dict:
         width=size,
         seed=1,
         n_samples=args.batch,
-    )
-    validate(gen)
+    )  # validated on construction
     outdir = Path(tempfile.mkdtemp(prefix="sdgen-bench-"))
-    out = OutputRequest(outdir=outdir, skip_grid=True, skip_save=True, watermark=False, quiet=True)
+    out = OutputSpec(outdir=outdir, skip_grid=True, skip_save=True, watermark=False)
     notes: list[str] = []
+    sink = event_sink(log, notes)
 
     images: dict[str, list] = {}  # the last run's uint8 images of each pipeline, to compare them
-    decode = pipe.decode
+    decode = model.decode
 
     def decode_and_keep(latents):
-        images["sdgen"] = decode(latents)
-        return images["sdgen"]
+        pixels = decode(latents)
+        images["sdgen"] = engine.to_uint8(pixels)
+        return pixels
 
-    pipe.decode = decode_and_keep  # instance attribute: generate.txt2img calls pipe.decode(latents)
+    # instance attribute: the engine decodes through sdgen.tiling.decode_tiled, which calls model.decode(latents)
+    model.decode = decode_and_keep
 
     def sdgen_once():
-        generate.txt2img(pipe, gen, out, say=lambda m: notes.append(m), emit=lambda p: None)
+        engine.run(model, gen, out, sink)
 
     def diffusers_once():
-        if dpipe is None or pipe.memory.offloads_models or pipe.memory.level >= 4:
+        if dpipe is None or model.memory.offloads_models or model.memory.level >= 4:
             raise RuntimeError("skipped")
         g = torch.Generator("cpu").manual_seed(1)
         result = dpipe(
@@ -494,7 +520,7 @@ def run_txt2img(args, log) -> dict:
         images["diffusers"] = list((255.0 * result.images).astype("uint8"))  # truncated, as sdgen and the reference
 
     def memctx():
-        return CudaPeak(pipe.placement.torch_device) if cuda else CpuPeak()
+        return CudaPeak(model.placement.torch_device) if cuda else CpuPeak()
 
     runners = [("sdgen", sdgen_once), ("diffusers", diffusers_once)]
     if args.only != "both":
@@ -509,7 +535,7 @@ def run_txt2img(args, log) -> dict:
                     raise
                 run = Run(name, float("nan"), args.batch, 0, 0, 0, 0, 0, 0, None, "", "skipped: sdgen offloads")
             run.extra["warmup"] = rep < args.warmup
-            run.extra["sdgen_memory_level"] = pipe.memory.level
+            run.extra["sdgen_memory_level"] = model.memory.level
             runs.append(run)
             log(
                 f"bench: {'warmup ' if rep < args.warmup else ''}{name}: {run.total_s:.2f} s, {run.steps} steps, "
@@ -522,9 +548,9 @@ def run_txt2img(args, log) -> dict:
         "size": size,
         "load_s": load_s,
         "ckpt": str(ckpt),
-        "placement": pipe.placement.describe(),
-        "notes": list(pipe.notes) + notes,
-        "memory_level": pipe.memory.level,
+        "placement": model.placement.describe(),
+        "notes": list(dict.fromkeys(notes)),  # each run tells its notices again
+        "memory_level": model.memory.level,
         "runs": runs,
         "agreement": agreement(images),
         "separate_modules": separate,
@@ -547,64 +573,58 @@ def agreement(images: dict[str, list]) -> dict | None:
 
 def run_upscale(args, log) -> dict:
     import torch
-    from sdgen.request import GenerationRequest, LoadRequest, OutputRequest, validate
 
-    from sdgen import loader
-    from sdgen import upscale as upscaling
-    from sdgen.samplers import scheduler_steps
+    from sdgen import engine
+    from sdgen.families.x4 import DEFAULT_NOISE_LEVEL, UNET_MULTIPLE
+    from sdgen.samplers import evaluations
+    from sdgen.specs import GenerationSpec, OutputSpec, UpscaleInput
+    from sdgen.tiling import overlap_for, tile_origins
 
     size = args.size or 512
     ckpt = ensure_checkpoint("x4", args.cache_dir, args.ckpt_dtype, log)
     png = bench_input_png(args.cache_dir, size)
     t = time.perf_counter()
-    pipe = loader.load(LoadRequest(ckpt=ckpt, device=args.device, precision=args.precision), expect=("x4",), say=log)
+    model = load_sdgen(args, ckpt, None, ("upscale",), log)
     load_s = time.perf_counter() - t
-    cuda = pipe.placement.torch_device.type == "cuda"
-    probe = Probe(pipe.unet, pipe.text_encoder, pipe.vae, cuda)
-    settings = upscaling.UpscaleSettings(
-        noise_level=upscaling.DEFAULT_NOISE_LEVEL, tile=args.tile, overlap=min(upscaling.TILE_OVERLAP, args.tile // 4)
-    )
-    padded = size + (-size) % upscaling.UNET_MULTIPLE
-    unet_tiles = (
-        len(upscaling.tile_origins(padded, settings.tile, settings.overlap)) ** 2
-        if settings.tile and padded > settings.tile
-        else 1
-    )
-    # diffusers' AutoencoderKL.tiled_decode (as sdgen configures it): tiles of tile_latent_min_size latents
-    # every int(tile * (1 - 0.25)) latents, including partial tiles at the far edges
-    vae_tile = max(settings.tile, upscaling.UNET_MULTIPLE) if settings.tile > 0 else padded
-    vae_stride = int(vae_tile * (1 - 0.25))
-    vae_tiles = len(range(0, padded, vae_stride)) ** 2 if padded > vae_tile else 1
-    memctx = (lambda: CudaPeak(pipe.placement.torch_device)) if cuda else CpuPeak
+    cuda = model.placement.torch_device.type == "cuda"
+    probe = Probe(model.unet, model.text_encoder, model.vae, cuda)
+    tile, noise_level = args.tile, DEFAULT_NOISE_LEVEL
+    padded = size + (-size) % UNET_MULTIPLE  # the x4 latents have the (padded) input's size
+    tiled = tile > 0 and padded > tile
+    # sdgen.tiling: the UNet (tiled_guided) and the VAE decode (decode_tiled) use the same tiles of
+    # min(tile, side) latents at tile_origins(side, tile, overlap_for(tile)); every tile has the full size
+    unet_tiles = len(tile_origins(padded, tile, overlap_for(tile))) ** 2 if tiled else 1
+    th = min(tile, padded) if tiled else padded
+    vae_tiles = unet_tiles
+    memctx = (lambda: CudaPeak(model.placement.torch_device)) if cuda else CpuPeak
     info = {
         "kind": "upscale",
         "model": "x4",
         "size": size,
         "out_size": 4 * size,
-        "tile": settings.tile,
+        "tile": tile,
         "unet_tiles_per_step": unet_tiles,
         "vae_tiles": vae_tiles,
         "load_s": load_s,
         "ckpt": str(ckpt),
-        "placement": pipe.placement.describe(),
+        "placement": model.placement.describe(),
     }
 
     if args.single_tile:
-        # one UNet call on one tile with the CFG batch of 2, and one VAE decoder tile; then extrapolate
-        th = min(settings.tile or padded, padded)
-        dtype = pipe.unet.dtype
-        dev = pipe.placement.torch_device
+        # one UNet call on one tile with the CFG batch of 2, and one VAE decode of one tile; then extrapolate
+        dtype = model.unet.dtype
+        dev = model.placement.torch_device
         with torch.no_grad():
-            cond = pipe.encode([args.prompt]).to(dtype)
-            x = torch.randn(2, 7, th, th, device=dev, dtype=dtype)
+            cond = model.encode_text([args.prompt])[0].to(dtype)
+            x = torch.randn(2, model.latent_channels + 3, th, th, device=dev, dtype=dtype)  # latents + low-res
             c = torch.cat([cond, cond])
             t_in = torch.full((2,), 500, device=dev)
-            labels = torch.full((2,), settings.noise_level, dtype=torch.long, device=dev)
+            labels = torch.full((2,), noise_level, dtype=torch.long, device=dev)
             unet_runs, vae_runs = [], []
             for i in range(args.warmup + args.repeats):
                 r = timed(
                     "unet tile",
-                    lambda: pipe.unet(x, t_in, encoder_hidden_states=c, class_labels=labels, return_dict=False),
+                    lambda: model.unet(x, t_in, encoder_hidden_states=c, class_labels=labels, return_dict=False),
                     probe,
                     memctx(),
                     1,
@@ -615,30 +635,35 @@ def run_upscale(args, log) -> dict:
                 )
                 if i >= args.warmup:
                     unet_runs.append(r)
-            z = torch.randn(1, 4, vae_tile, vae_tile, device=dev, dtype=pipe.vae.dtype)
-            for _ in range(max(args.repeats, 1)):  # no warmup: one decoder tile is long on a CPU
-                r = timed("vae tile", lambda: pipe.vae.decoder(z), probe, memctx(), 1)
-                log(
-                    f"bench: VAE decoder tile {vae_tile}x{vae_tile} latents: {r.total_s:.2f} s, "
-                    f"peak {_gib(r.peak_bytes)}"
-                )
+            z = torch.randn(1, model.latent_channels, th, th, device=dev)
+            for _ in range(max(args.repeats, 1)):  # no warmup: one VAE tile decode is long on a CPU
+                r = timed("vae tile", lambda: model.decode(z), probe, memctx(), 1)  # as decode_tiled per tile
+                log(f"bench: VAE decode tile {th}x{th} latents: {r.total_s:.2f} s, peak {_gib(r.peak_bytes)}")
                 vae_runs.append(r)
                 if not cuda:
                     break
         info.update(mode="single-tile", unet_tile_runs=unet_runs, vae_tile_runs=vae_runs)
         return info
 
-    gen = GenerationRequest(batches=((args.prompt,),), steps=args.steps, sampler="ddim", scale=9.0, seed=1)
-    validate(gen)
-    inputs = upscaling.load_inputs([png])
-    steps_run = scheduler_steps("ddim", args.steps)
+    gen = GenerationSpec(
+        prompts=(args.prompt,),
+        mode="upscale",
+        steps=args.steps,
+        sampler="ddim",
+        scale=9.0,
+        seed=1,
+        upscale=UpscaleInput(images=(png,), noise_level=noise_level, tile=tile),
+    )  # validated on construction (the input image is read there)
+    steps_run = evaluations("ddim", args.steps)
+    notes: list[str] = []
+    sink = event_sink(log, notes, echo=True)  # the notices logged, as `sdgen upscale` prints them, and kept
     runs = []
     for i in range(args.warmup + args.repeats):
         outdir = Path(tempfile.mkdtemp(prefix="sdgen-bench-up-"))
-        out = OutputRequest(outdir=outdir, skip_grid=True, watermark=True, quiet=True)
+        out = OutputSpec(outdir=outdir, skip_grid=True, watermark=True)
         r = timed(
             "sdgen upscale",
-            lambda: upscaling.upscale(pipe, gen, out, settings, inputs, say=log, emit=lambda p: None),
+            lambda: engine.run(model, gen, out, sink),
             probe,
             memctx(),
             1,
@@ -655,7 +680,9 @@ def run_upscale(args, log) -> dict:
             f"peak {_gib(r.peak_bytes)}" + (f" [{r.error}]" if r.error else "")
         )
         runs.append(r)
-    info.update(mode="full", steps=args.steps, runs=runs, notes=list(pipe.notes), memory_level=pipe.memory.level)
+    info.update(
+        mode="full", steps=args.steps, runs=runs, notes=list(dict.fromkeys(notes)), memory_level=model.memory.level
+    )
     return info
 
 
@@ -704,7 +731,7 @@ def report_txt2img(res: dict, args) -> str:
         f"### {res['model']} txt2img, {res['size']}x{res['size']}, batch {args.batch}, {args.steps} steps (ddim), "
         f"guidance {GUIDANCE}, {res['placement']}",
         "",
-        f"Environment: {environment(args)}. Load through sdgen.loader: {res['load_s']:.1f} s. "
+        f"Environment: {environment(args)}. Load through sdgen.api.load_model: {res['load_s']:.1f} s. "
         f"Median of {args.repeats} interleaved runs after {args.warmup} warm-up each.",
         "",
         f"| pipeline | s/image ({args.steps} steps) | it/s | s/step | fixed s (text+decode+other) | VAE decode s "
@@ -773,10 +800,15 @@ def report_upscale(res: dict, args) -> str:
     n = args.extrapolate_to
     head = (
         f"### x4 upscale {res['size']}x{res['size']} -> {res['out_size']}x{res['out_size']}, tile {res['tile']} "
-        f"({res['unet_tiles_per_step']} UNet tiles/step, CFG batch 2; {res['vae_tiles']} VAE decoder tiles), "
+        f"({res['unet_tiles_per_step']} UNet tiles/step, CFG batch 2; {res['vae_tiles']} VAE decode tiles), "
         f"{res['placement']}"
     )
-    lines = [head, "", f"Environment: {environment(args)}. Load through sdgen.loader: {res['load_s']:.1f} s.", ""]
+    lines = [
+        head,
+        "",
+        f"Environment: {environment(args)}. Load through sdgen.api.load_model: {res['load_s']:.1f} s.",
+        "",
+    ]
     if res["mode"] == "single-tile":
         u = _med([r.total_s for r in res["unet_tile_runs"]])
         v = _med([r.total_s for r in res["vae_tile_runs"]])
@@ -787,8 +819,8 @@ def report_upscale(res: dict, args) -> str:
             "| measured | s | extrapolated | s |",
             "|---|---|---|---|",
             f"| one UNet tile call (batch 2) | {u:.2f} | one step = {res['unet_tiles_per_step']} tiles | {step:.1f} |",
-            f"| one VAE decoder tile | {v:.2f} | tiled decode = {res['vae_tiles']} tiles (upper bound: edge tiles "
-            f"are smaller) | {decode:.1f} |",
+            f"| one VAE decode tile | {v:.2f} | tiled decode = {res['vae_tiles']} tiles (the UNet's tiles, each of "
+            f"the full tile size) | {decode:.1f} |",
             f"| peak memory | {_gib(peak)} | {n} steps + decode | {step * n + decode:.0f} |",
             "",
             f"Extrapolation: {n} x {res['unet_tiles_per_step']} x UNet tile + {res['vae_tiles']} x VAE tile "
@@ -839,7 +871,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--single-tile",
         action="store_true",
-        help="--upscale: time one UNet tile call and one VAE decoder tile only, and extrapolate.",
+        help="--upscale: time one UNet tile call and one VAE decode of one tile only, and extrapolate.",
     )
     p.add_argument("--device", default=None, help="cpu or cuda (cuda:N). Default: cuda if available, else cpu.")
     p.add_argument(
@@ -871,11 +903,13 @@ def parse_args(argv=None):
     p.add_argument(
         "--warmup", type=int, default=None, help="Untimed runs per pipeline first (default 1; CPU upscale 0)."
     )
-    p.add_argument("--tile", type=int, default=128, help="Upscale tile in input pixels (sdgen's default 128).")
+    p.add_argument(
+        "--tile", type=int, default=DEFAULT_TILE, help=f"Upscale tile in input pixels (sdgen's default {DEFAULT_TILE})."
+    )
     p.add_argument(
         "--compile",
         action="store_true",
-        help="Time sdgen --compile (sdgen.compiling). diffusers then runs on its own copies of the "
+        help="Time sdgen --compile (sdgen.runtime.compiling). diffusers then runs on its own copies of the "
         "modules, uncompiled unless --diffusers-compile. The warm-up run includes the compile.",
     )
     p.add_argument(

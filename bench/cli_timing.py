@@ -4,9 +4,11 @@
     python bench/cli_timing.py upscale IN.png --ckpt X4.safetensors --steps 2 --tile 128 --seed 1 --outdir DIR
     /usr/bin/time -v python bench/cli_timing.py txt2img "a cat" --ckpt CKPT --steps 2   # + peak RSS
 
-The command runs exactly as `sdgen ARGS...` (sdgen.cli.main); the only addition is timing hooks on the models
-the loader returns (forward hooks on the UNet and text encoder, a wrapper around vae.decode). The summary goes
-to stderr when the command exits. CUDA calls are synchronised at every hook.
+The command runs exactly as `sdgen ARGS...` (sdgen.cli.cli); the only additions are timing hooks on the model
+the loader returns (sdgen.checkpoints.load.load_model, which sdgen.api.load_model calls: forward hooks on the
+UNet and text encoder, a wrapper around vae.decode) and a listener on the run's events (sdgen.api.run: the
+notices; every event still reaches the CLI's sink). The summary goes to stderr when the command exits. CUDA
+calls are synchronised at every hook.
 """
 
 from __future__ import annotations
@@ -22,25 +24,38 @@ def main() -> None:
         return
     import torch
 
-    from sdgen import loader
+    from sdgen import api
+    from sdgen.checkpoints import load as loading
+    from sdgen.events import Notice
 
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
     from bench import Probe  # noqa: E402  (bench/bench.py, beside this file)
 
     t_start = time.perf_counter()
-    state: dict = {}
-    original_load = loader.load
+    state: dict = {"notices": []}
+    original_load, original_run = loading.load_model, api.run
 
-    def load(*args, **kwargs):
+    def load_model(*args, **kwargs):
         t = time.perf_counter()
-        pipe = original_load(*args, **kwargs)
+        model = original_load(*args, **kwargs)
         state["load_s"] = time.perf_counter() - t
-        cuda = pipe.placement.torch_device.type == "cuda"
-        state["probe"] = Probe(pipe.unet, pipe.text_encoder, pipe.vae, cuda)
-        state["pipe"] = pipe
-        return pipe
+        cuda = model.placement.torch_device.type == "cuda"
+        # after a --compile load model.unet is the compiled wrapper: the hooks run outside the compiled graph
+        state["probe"] = Probe(model.unet, model.text_encoder, model.vae, cuda)
+        state["model"] = model
+        return model
 
-    loader.load = load
+    def run(model, spec, output, sink=None, *args, **kwargs):
+        def listening(event):
+            if isinstance(event, Notice):
+                state["notices"].append(event.message)
+            if sink is not None:
+                sink(event)
+
+        return original_run(model, spec, output, listening, *args, **kwargs)
+
+    loading.load_model = load_model  # sdgen.api.load_model imports it from there at every call
+    api.run = run  # the CLI calls api.run(...)
 
     def summary() -> None:
         total = time.perf_counter() - t_start
@@ -56,9 +71,9 @@ def main() -> None:
                 f"cli_timing: UNet {calls} calls, {probe.total('unet'):.1f} s inside, span {probe.span('unet'):.1f} s "
                 f"(first call start -> last call end), median call {median:.2f} s",
                 f"cli_timing: VAE decode {probe.total('vae_decode'):.1f} s in {probe.calls('vae_decode')} calls",
-                f"cli_timing: notes {state['pipe'].notes}, OOM ladder level {state['pipe'].memory.level}",
+                f"cli_timing: notices {state['notices']}, OOM ladder level {state['model'].memory.level}",
             ]
-            if torch.cuda.is_available() and state["pipe"].placement.torch_device.type == "cuda":
+            if torch.cuda.is_available() and state["model"].placement.torch_device.type == "cuda":
                 lines.append(f"cli_timing: CUDA max allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
         print("\n".join(lines), file=sys.stderr, flush=True)
 

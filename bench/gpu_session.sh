@@ -23,7 +23,7 @@ for part in "$@"; do
         --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
         --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 open_clip_torch==3.3.0 \
         invisible-watermark==0.2.0 PyWavelets==1.9.0 ftfy==6.3.1 wcwidth==0.9.4 ;;
-    setup)  # wheels and sdgen itself into /tmp/site (sdgen.configs exists only in an installed sdgen)
+    setup)  # wheels and sdgen itself (with sdgen.configs and sdgen.testing, which bench.py uses) into /tmp/site
       python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
       python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .
       python3 -c "import torch, diffusers, sdgen; print(torch.__version__, diffusers.__version__, torch.cuda.get_device_name())" \
@@ -40,7 +40,7 @@ for part in "$@"; do
       export XDG_CACHE_HOME; XDG_CACHE_HOME=$(mktemp -d)
       for cache in cold warm; do
         t0=$(date +%s.%N)
-        # the installed entry point: 'python3 -m sdgen' here would import ./sdgen, which has no sdgen.configs
+        # the installed entry point (sdgen.cli:main), as a user runs it
         /tmp/site/bin/sdgen txt2img "a cat" --ckpt "$ckpt" --steps 50 --seed 1 --compile -q \
           --outdir "$OUT/startup-$cache" 2>&1 | tee -a "$OUT/log.txt"
         echo "startup, $cache compile cache: $(python3 -c "print(round($(date +%s.%N) - $t0, 1))") s wall" \

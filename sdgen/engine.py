@@ -64,30 +64,16 @@ def run(
     cancel = cancel or CancelToken()
     if spec.mode not in model.family.modes:
         raise CheckpointError(f"{model.name}: a {model.family.label} model cannot run {spec.mode}")
-    # 1. The plan: work items, guidance scale, the mode's inputs, the writer
+    # 1. The plan: work items, guidance scale, the mode's inputs, where the images go
     items = jobs.plan(spec)
     scale = spec.scale if spec.scale is not None else model.family.default_scale[spec.mode]
     notes = RunNotes(sink)
     inputs = MODE_INPUTS[spec.mode](model, spec, notes.inform)
-    writer = ImageWriter(out.outdir, model.family.watermark if out.watermark else None, notes.inform)
-    if not (out.skip_save and out.skip_grid):
-        writer.prepare()
+    saver = _Saver(model, spec, out, scale, notes, sink)
     n = samplers.evaluations(spec.sampler, spec.steps, inputs.t_enc)
-    sink(
-        Started(
-            seed=spec.seed,
-            seed_mode=spec.seed_mode,
-            sampler=spec.sampler,
-            steps=spec.steps,
-            evaluations=n,
-            batches=len(items),
-            images=spec.image_count,
-            why=samplers.evaluations_note(spec.sampler, spec.steps, n),
-        )
-    )
+    why = samplers.evaluations_note(spec.sampler, spec.steps, n)
+    sink(Started(spec.seed, spec.seed_mode, spec.sampler, spec.steps, n, len(items), spec.image_count, why))
     run_noise = None if inputs.noise_per_item else inputs.noise_source(items[0])
-    meta = run_metadata(model, spec, scale)
-    result, grid_images = RunResult(), []
     for item in items:
         cancel.check()
         noise = run_noise or inputs.noise_source(item)
@@ -97,34 +83,58 @@ def run(
             return _make_batch(model, spec, item, inputs, noise, scale, callback, notes)
 
         rgbs, seeds = redo_after_failure(model, noise, make_batch, notes)
-        # 5. Each image saved as soon as it exists
         for i, rgb in enumerate(rgbs):
-            image_meta = dict(
-                meta,
-                **model.state(),
-                **inputs.metadata(item),
-                prompt=item.prompts[i],
-                seed=seeds[i],
-                batch=item.batch,
-                batch_index=i,
-                notes=list(notes.items),
-            )
-            if not out.skip_save:
-                _save(writer.save_sample(rgb, image_meta), image_meta, result, sink)
-            if inputs.makes_grid and not out.skip_grid:
-                grid_images.append((rgb, item.prompts[i], seeds[i]))
-            result.images += 1
-    if len(grid_images) > 1:
-        _save_grid(
-            writer,
-            grid_images,
-            out.n_rows or spec.n_samples,
-            dict(meta, **model.state(), **inputs.metadata(items[0]), seed=spec.seed, notes=list(notes.items)),
-            result,
-            sink,
+            saver.image(rgb, item, i, seeds[i], inputs.metadata(item), inputs.makes_grid)
+    saver.grid(out.n_rows or spec.n_samples, inputs.metadata(items[0]))
+    sink(Finished(images=saver.result.images, paths=tuple(saver.result.paths)))
+    return saver.result
+
+
+class _Saver:
+    """Step 5: each image written as soon as it exists, with its metadata; the grid at the end."""
+
+    def __init__(
+        self, model: LoadedModel, spec: GenerationSpec, out: OutputSpec, scale: float, notes: RunNotes, sink: Sink
+    ) -> None:
+        self.model, self.spec, self.out, self.notes, self.sink = model, spec, out, notes, sink
+        self.writer = ImageWriter(out.outdir, model.family.watermark if out.watermark else None, notes.inform)
+        if not (out.skip_save and out.skip_grid):
+            self.writer.prepare()
+        self.meta = run_metadata(model, spec, scale)
+        self.result = RunResult()
+        self.grid_images: list[tuple[np.ndarray, str, int]] = []
+
+    def _metadata(self, mode_meta: dict[str, Any], **fields: Any) -> dict[str, Any]:
+        """The run's fields, the model's state now, the mode's, and this file's; notes so far in this run."""
+        return dict(self.meta, **self.model.state(), **mode_meta, **fields, notes=list(self.notes.items))
+
+    def _saved(self, path: Path, meta: dict[str, Any], grid: bool = False) -> None:
+        self.result.paths.append(path)
+        self.sink(Saved(path=path, metadata=meta, grid=grid))
+
+    def image(self, rgb: np.ndarray, item: jobs.WorkItem, i: int, seed: int, mode_meta: dict, grid: bool) -> None:
+        prompt = item.prompts[i]
+        meta = self._metadata(mode_meta, prompt=prompt, seed=seed, batch=item.batch, batch_index=i)
+        if not self.out.skip_save:
+            self._saved(self.writer.save_sample(rgb, meta), meta)
+        if grid and not self.out.skip_grid:
+            self.grid_images.append((rgb, prompt, seed))
+        self.result.images += 1
+
+    def grid(self, per_row: int, mode_meta: dict[str, Any]) -> None:
+        """The reference's grid of a run of several images. It records every image's prompt and seed; its
+        'parameters' prompt lists each distinct prompt."""
+        if len(self.grid_images) < 2:
+            return
+        prompts = [p for _, p, _ in self.grid_images]
+        meta = self._metadata(
+            mode_meta,
+            prompt="\n".join(dict.fromkeys(prompts)),
+            prompts=prompts,
+            seeds=[s for _, _, s in self.grid_images],
+            seed=self.spec.seed,
         )
-    sink(Finished(images=result.images, paths=tuple(result.paths)))
-    return result
+        self._saved(self.writer.save_grid([rgb for rgb, _, _ in self.grid_images], per_row, meta), meta, grid=True)
 
 
 @torch.no_grad()
@@ -227,23 +237,3 @@ def to_uint8(x: torch.Tensor) -> list[np.ndarray]:
     """The reference's conversion: 255 * clamp((x + 1) / 2), truncated by astype(np.uint8), not rounded."""
     x = torch.clamp((x.float() + 1.0) / 2.0, 0.0, 1.0)
     return list((255.0 * x.permute(0, 2, 3, 1).cpu().numpy()).astype(np.uint8))
-
-
-def _save(path: Path, meta: dict[str, Any], result: RunResult, sink: Sink, grid: bool = False) -> None:
-    result.paths.append(path)
-    sink(Saved(path=path, metadata=meta, grid=grid))
-
-
-def _save_grid(
-    writer: ImageWriter,
-    images: list[tuple[np.ndarray, str, int]],
-    per_row: int,
-    meta: dict[str, Any],
-    result: RunResult,
-    sink: Sink,
-) -> None:
-    """The grid records every image's prompt and seed; its 'parameters' prompt lists each distinct prompt."""
-    prompts = [p for _, p, _ in images]
-    distinct = list(dict.fromkeys(prompts))
-    meta = dict(meta, prompt="\n".join(distinct), prompts=prompts, seeds=[s for _, _, s in images])
-    _save(writer.save_grid([rgb for rgb, _, _ in images], per_row, meta), meta, result, sink, grid=True)

@@ -328,3 +328,27 @@ def test_yaml_naming_hub_text_encoders_downloads_nothing(sdgen, tiny, tmp_path):
     path.write_text(yaml.safe_dump(config))
     run = sdgen("txt2img", "x", "--ckpt", tiny["sd2.safetensors"], "--config", path, *SMALL)
     assert run.code == 0, run  # and the autouse fixture asserts that no connection was attempted
+
+
+def test_grid_of_a_prompt_file_records_every_prompt_and_seed(sdgen, tiny, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\na bird\n", encoding="utf-8")
+    run = sdgen(
+        "txt2img",
+        "--from-file",
+        prompts,
+        "--ckpt",
+        tiny["sd1.safetensors"],
+        *SMALL,
+        "-n",
+        "2",
+        "--seed",
+        "4",
+        "--outdir",
+        tmp_path / "o",
+    )
+    assert run.code == 0, run
+    params, data = meta(run.paths[-1])
+    assert data["grid"] is True
+    assert data["prompts"] == ["a cat", "a dog", "a bird"] and data["seeds"] == [4, 5, 6]
+    assert params.splitlines()[:3] == ["a cat", "a dog", "a bird"]
