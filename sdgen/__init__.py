@@ -27,6 +27,7 @@ _PUBLIC = {
     "Notice": "sdgen.events",
     "Saved": "sdgen.events",
     "Finished": "sdgen.events",
+    "Stopped": "sdgen.events",
     "SdgenError": "sdgen.errors",
     "Cancelled": "sdgen.errors",
 }

@@ -9,6 +9,7 @@ Exit codes: 0 done; 1 a problem with a file, the device or the disk; 2 a bad opt
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import signal
 import sys
 import traceback
@@ -415,6 +416,10 @@ def _output_spec(o: dict) -> OutputSpec:
 
 
 def _run(load: LoadSpec, gen: GenerationSpec, out: OutputSpec, sink: PrintingSink) -> None:
+    if load.ckpt is None:  # resolved before torch is imported: offline, the answer comes at once
+        from sdgen.checkpoints.hub import default_checkpoint
+
+        load = dataclasses.replace(load, ckpt=default_checkpoint(lambda m: sink(Notice(m))))
     from sdgen import api
 
     model = api.load_model(load, modes=(gen.mode,), sink=sink)
@@ -543,6 +548,8 @@ def upscale(**o: Any) -> None:
     """
     sink = PrintingSink(o["quiet"])
     with error_boundary(o["verbose"], sink):
+        if o["ckpt"] is None:
+            raise click.UsageError("--ckpt is required: the x4 upscaler checkpoint (x4-upscaler-ema.safetensors)")
         part = UpscaleInput(images=tuple(o["inputs"]), noise_level=o["noise_level"], tile=o["tile"])
         gen = GenerationSpec(
             prompts=(o["prompt"],),
@@ -556,8 +563,6 @@ def upscale(**o: Any) -> None:
             seed_mode=o["seed_mode"],
             upscale=part,
         )
-        if o["ckpt"] is None:
-            raise click.UsageError("--ckpt is required: the x4 upscaler checkpoint (x4-upscaler-ema.safetensors)")
         _run(_load_spec(o), gen, _output_spec(o), sink)
 
 

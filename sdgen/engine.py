@@ -18,8 +18,8 @@ import torch
 
 from sdgen import jobs, samplers
 from sdgen.conditioning import encode_prompts
-from sdgen.errors import CheckpointError, ModelOutputError, OutOfMemory
-from sdgen.events import CancelToken, Finished, Notice, Saved, Sink, Started, Step, ignore
+from sdgen.errors import Cancelled, CheckpointError, ModelOutputError, OutOfMemory
+from sdgen.events import CancelToken, Finished, Notice, Saved, Sink, Started, Step, Stopped, ignore
 from sdgen.model import HalfOverflow, LoadedModel
 from sdgen.modes import MODE_INPUTS, Txt2ImgInputs
 from sdgen.noise import NoiseSource
@@ -73,19 +73,24 @@ def run(
     n = samplers.evaluations(spec.sampler, spec.steps, inputs.t_enc)
     why = samplers.evaluations_note(spec.sampler, spec.steps, n)
     sink(Started(spec.seed, spec.seed_mode, spec.sampler, spec.steps, n, len(items), spec.image_count, why))
-    run_noise = None if inputs.noise_per_item else inputs.noise_source(items[0])
-    for item in items:
-        cancel.check()
-        noise = run_noise or inputs.noise_source(item)
+    try:
+        run_noise = None if inputs.noise_per_item else inputs.noise_source(items[0])
+        for item in items:
+            cancel.check()
+            noise = run_noise or inputs.noise_source(item)
 
-        def make_batch() -> tuple[list[np.ndarray], list[int]]:
-            callback = _step_callback(sink, cancel, n, item.batch)
-            return _make_batch(model, spec, item, inputs, noise, scale, callback, notes)
+            def make_batch() -> tuple[list[np.ndarray], list[int]]:
+                callback = _step_callback(sink, cancel, n, item.batch)
+                return _make_batch(model, spec, item, inputs, noise, scale, callback, notes)
 
-        rgbs, seeds = redo_after_failure(model, noise, make_batch, notes)
-        for i, rgb in enumerate(rgbs):
-            saver.image(rgb, item, i, seeds[i], inputs.metadata(item), inputs.makes_grid)
-    saver.grid(out.n_rows or spec.n_samples, inputs.metadata(items[0]))
+            rgbs, seeds = redo_after_failure(model, noise, make_batch, notes)
+            for i, rgb in enumerate(rgbs):
+                saver.image(rgb, item, i, seeds[i], inputs.metadata(item), inputs.makes_grid)
+        saver.grid(out.n_rows or spec.n_samples, inputs.metadata(items[0]))
+    except BaseException as e:  # the sink hears how the run ended; the caller gets the exception
+        reason = "cancelled" if isinstance(e, Cancelled) else "error" if isinstance(e, Exception) else "interrupted"
+        sink(Stopped(reason, str(e) or type(e).__name__, saver.result.images, tuple(saver.result.paths)))
+        raise
     sink(Finished(images=saver.result.images, paths=tuple(saver.result.paths)))
     return saver.result
 

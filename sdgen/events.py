@@ -72,7 +72,18 @@ class Finished:
     paths: tuple[Path, ...]
 
 
-Event = Loaded | Started | Step | Notice | Saved | Finished
+@dataclass(frozen=True)
+class Stopped:
+    """The run ended before its last image: ``reason`` is "cancelled", "interrupted" (Ctrl-C, SIGTERM) or
+    "error" (``message`` says which); the exception is raised to the caller right after this event."""
+
+    reason: str
+    message: str
+    images: int
+    paths: tuple[Path, ...]
+
+
+Event = Loaded | Started | Step | Notice | Saved | Finished | Stopped
 Sink = Callable[[Event], None]
 
 
@@ -82,7 +93,8 @@ def ignore(event: Event) -> None:
 
 @dataclass
 class CancelToken:
-    """Set from any thread (or a signal handler); the run raises :class:`Cancelled` at its next check."""
+    """Set from any thread (or a signal handler); the run raises :class:`Cancelled` at its next check.
+    A token stays cancelled: use a new one for each run."""
 
     _event: threading.Event = field(default_factory=threading.Event)
 

@@ -54,6 +54,13 @@ class _Spec:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
+    def _check_fields(self) -> None:
+        """Each field of the type its annotation names (a spec may come from JSON or from a caller's code):
+        a str where a tuple belongs, a float step count or a string seed is a UsageError here, not a
+        TypeError after the model has loaded. Strings for paths and lists for tuples are converted."""
+        for name, hint in typing.get_type_hints(type(self)).items():
+            _set(self, name, _checked(f"{type(self).__name__}.{name}", hint, getattr(self, name)))
+
     @classmethod
     def from_dict(cls: type[S], data: dict[str, Any]) -> S:
         hints = typing.get_type_hints(cls)
@@ -86,13 +93,36 @@ def _typed(hint: Any, value: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(hint) if a is not type(None)]
         return _typed(options[0], value)
-    if origin is tuple:
+    if origin is tuple and isinstance(value, list):  # anything else is for _checked to refuse
         item = typing.get_args(hint)[0]
         return tuple(_typed(item, v) for v in value)
-    if hint is Path:
+    if hint is Path and isinstance(value, str):
         return Path(value)
-    if isinstance(hint, type) and issubclass(hint, _Spec):
+    if isinstance(hint, type) and issubclass(hint, _Spec) and isinstance(value, dict):
         return hint.from_dict(value)
+    return value
+
+
+def _checked(where: str, hint: Any, value: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        return _checked(where, next(a for a in options if a is not type(None)), value)
+    if origin is tuple:
+        if isinstance(value, str) or not isinstance(value, (tuple, list)):
+            raise UsageError(f"{where}: expected a list, got {value!r}")
+        item = typing.get_args(hint)[0]
+        return tuple(_checked(f"{where}[{i}]", item, v) for i, v in enumerate(value))
+    if hint is Path:
+        if isinstance(value, (str, Path)) and str(value):
+            return Path(value)
+        raise UsageError(f"{where}: expected a path, got {value!r}")
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if (hint in (int, float) and isinstance(value, bool)) or not isinstance(value, hint):
+        raise UsageError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
     return value
 
 
@@ -120,6 +150,7 @@ class LoadSpec(_Spec):
     compile: bool = False  # torch.compile the UNet and VAE decoder (sdgen.runtime.compiling)
 
     def __post_init__(self) -> None:
+        self._check_fields()
         _set(self, "device", validate_device_name(self.device))
         precision = PRECISION_ALIASES.get(self.precision, self.precision)
         if precision not in PRECISIONS:
@@ -154,6 +185,7 @@ class Img2ImgInput(_Spec):
     strength: float = DEFAULT_STRENGTH  # 0 keeps the image (its VAE round trip), 1 ignores it
 
     def __post_init__(self) -> None:
+        self._check_fields()
         if not math.isfinite(self.strength) or not 0.0 <= self.strength <= 1.0:
             raise UsageError(f"--strength {self.strength}: must be between 0 and 1")
 
@@ -165,6 +197,7 @@ class UpscaleInput(_Spec):
     tile: int = DEFAULT_TILE  # 0: never tile
 
     def __post_init__(self) -> None:
+        self._check_fields()
         if not self.images:
             raise UsageError("no input image: give one or more INPUT files")
         if not 0 <= self.noise_level <= MAX_NOISE_LEVEL:
@@ -194,9 +227,9 @@ class GenerationSpec(_Spec):
     upscale: UpscaleInput | None = None
 
     def __post_init__(self) -> None:
+        self._check_fields()
         if self.seed == RANDOM_SEED:
             _set(self, "seed", secrets.randbelow(MAX_SEED + 1))
-        _set(self, "prompts", tuple(self.prompts))
         self._check_values()
         self._check_mode()
 
@@ -264,6 +297,7 @@ class OutputSpec(_Spec):
     n_rows: int = 0  # images per grid row; 0: n_samples, as the reference
 
     def __post_init__(self) -> None:
+        self._check_fields()
         if self.n_rows < 0:
             raise UsageError(f"--n_rows {self.n_rows}: must be 0 (one row per batch) or more")
         if not (self.skip_save and self.skip_grid):

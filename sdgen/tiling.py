@@ -18,7 +18,6 @@ if TYPE_CHECKING:
     from sdgen.model import LoadedModel
     from sdgen.samplers import ModelFn
 
-DEFAULT_TILE = 128  # latent pixels per UNet tile for the x4 upscaler; fits an 8 GiB card in fp16
 MAX_OVERLAP = 32
 
 

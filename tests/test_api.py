@@ -12,7 +12,7 @@ from PIL import Image
 
 import sdgen
 from sdgen.errors import UsageError
-from sdgen.events import Finished, Loaded, Notice, Saved, Started, Step
+from sdgen.events import Finished, Loaded, Notice, Saved, Started, Step, Stopped
 
 SMALL = {"height": 64, "width": 64, "steps": 3}
 
@@ -58,7 +58,11 @@ def test_cancel_stops_within_a_step_and_keeps_earlier_images(model, tmp_path):
     with pytest.raises(sdgen.Cancelled):
         sdgen.run(model, spec, sdgen.OutputSpec(outdir=tmp_path, skip_grid=True), sink=sink, cancel=token)
     assert sorted(p.name for p in (tmp_path / "samples").glob("*.png")) == ["00000.png"]
-    assert isinstance(seen[-1], Step) and seen[-1].batch == 1 and seen[-1].i == 2  # nothing ran after it
+    last_step = [e for e in seen if isinstance(e, Step)][-1]
+    assert last_step.batch == 1 and last_step.i == 2  # nothing ran after it
+    stopped = seen[-1]
+    assert isinstance(stopped, Stopped) and stopped.reason == "cancelled" and stopped.images == 1
+    assert [p.name for p in stopped.paths] == ["00000.png"]
 
 
 def test_a_runs_notes_do_not_reach_the_next_run(tiny, tmp_path, monkeypatch):
@@ -127,6 +131,23 @@ def test_random_seed_is_fixed_when_the_spec_is_made():
 def test_specs_reject_bad_values_when_made(fields, needle):
     with pytest.raises(UsageError, match=needle):
         sdgen.GenerationSpec(**{"prompts": ("x",), **fields})
+
+
+@pytest.mark.parametrize(
+    "fields, needle",
+    [
+        ({"prompts": "a cat"}, "prompts: expected a list"),
+        ({"steps": 4.5}, "steps: expected int"),
+        ({"seed": "5"}, "seed: expected int"),
+        ({"n_samples": True}, "n_samples: expected int"),
+    ],
+)
+def test_specs_check_field_types(fields, needle):
+    """A spec from JSON or a caller's code: a wrong type is a UsageError when made, not a TypeError later."""
+    with pytest.raises(UsageError, match=needle):
+        sdgen.GenerationSpec(**{"prompts": ("x",), **fields})
+    with pytest.raises(UsageError, match=needle):
+        sdgen.GenerationSpec.from_json(json.dumps({"prompts": ["x"], **fields}))
 
 
 def test_unknown_json_field_is_refused():

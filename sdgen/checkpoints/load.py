@@ -33,14 +33,16 @@ def quiet_libraries() -> None:
     diffusers_logging.set_verbosity_error()
     transformers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
 
 
 def load_model(spec: LoadSpec, modes: tuple[str, ...] | None = None, sink: Sink = ignore) -> LoadedModel:
     """Load the model ``spec`` names. ``modes``: the generation modes the caller will run (a model of a
     family that serves none of them is refused before its weights are built)."""
+    # the default model first: offline, its answer must not wait for torch and diffusers to import
+    ckpt = spec.ckpt if spec.ckpt is not None else default_checkpoint(lambda m: sink(Notice(m)))
     placement = choose(spec.device, spec.precision)
     quiet_libraries()
-    ckpt = spec.ckpt if spec.ckpt is not None else default_checkpoint(lambda m: sink(Notice(m)))
     families = tuple(f for f in FAMILIES if modes is None or set(modes) & set(f.modes))
     if ckpt.is_dir():
         model = _load_diffusers_folder(ckpt, placement, spec, families)
