@@ -9,7 +9,6 @@ Exit codes: 0 done; 1 a problem with a file, the device or the disk; 2 a bad opt
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import signal
 import sys
 import traceback
@@ -416,10 +415,6 @@ def _output_spec(o: dict) -> OutputSpec:
 
 
 def _run(load: LoadSpec, gen: GenerationSpec, out: OutputSpec, sink: PrintingSink) -> None:
-    if load.ckpt is None:  # resolved before torch is imported: offline, the answer comes at once
-        from sdgen.checkpoints.hub import default_checkpoint
-
-        load = dataclasses.replace(load, ckpt=default_checkpoint(lambda m: sink(Notice(m))))
     from sdgen import api
 
     model = api.load_model(load, modes=(gen.mode,), sink=sink)

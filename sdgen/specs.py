@@ -57,18 +57,18 @@ class _Spec:
     def _check_fields(self) -> None:
         """Each field of the type its annotation names (a spec may come from JSON or from a caller's code):
         a str where a tuple belongs, a float step count or a string seed is a UsageError here, not a
-        TypeError after the model has loaded. Strings for paths and lists for tuples are converted."""
+        TypeError after the model has loaded. Strings for paths, lists for tuples and objects for nested specs
+        (as JSON has them) are converted."""
         for name, hint in typing.get_type_hints(type(self)).items():
             _set(self, name, _checked(f"{type(self).__name__}.{name}", hint, getattr(self, name)))
 
     @classmethod
     def from_dict(cls: type[S], data: dict[str, Any]) -> S:
-        hints = typing.get_type_hints(cls)
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(data) - names)
         if unknown:
             raise UsageError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}")
-        return cls(**{k: _typed(hints[k], v) for k, v in data.items()})
+        return cls(**data)  # __post_init__ turns JSON lists, strings and objects into tuples, paths and specs
 
     @classmethod
     def from_json(cls: type[S], text: str) -> S:
@@ -82,24 +82,6 @@ def _plain(value: Any) -> Any:
         return str(value)
     if isinstance(value, tuple):
         return [_plain(v) for v in value]
-    return value
-
-
-def _typed(hint: Any, value: Any) -> Any:
-    """``value`` read from JSON as the field type ``hint`` wants it."""
-    if value is None:
-        return None
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _typed(options[0], value)
-    if origin is tuple and isinstance(value, list):  # anything else is for _checked to refuse
-        item = typing.get_args(hint)[0]
-        return tuple(_typed(item, v) for v in value)
-    if hint is Path and isinstance(value, str):
-        return Path(value)
-    if isinstance(hint, type) and issubclass(hint, _Spec) and isinstance(value, dict):
-        return hint.from_dict(value)
     return value
 
 
@@ -119,6 +101,8 @@ def _checked(where: str, hint: Any, value: Any) -> Any:
         if isinstance(value, (str, Path)) and str(value):
             return Path(value)
         raise UsageError(f"{where}: expected a path, got {value!r}")
+    if isinstance(hint, type) and issubclass(hint, _Spec) and isinstance(value, dict):
+        return hint.from_dict(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if (hint in (int, float) and isinstance(value, bool)) or not isinstance(value, hint):

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from sdgen.checkpoints.hashing import model_hash
-from sdgen.checkpoints.hub import default_checkpoint
 from sdgen.checkpoints.ldm_config import resolve
 from sdgen.errors import CheckpointError
 from sdgen.events import Loaded, Notice, Sink, ignore
@@ -37,10 +36,12 @@ def quiet_libraries() -> None:
 
 
 def load_model(spec: LoadSpec, modes: tuple[str, ...] | None = None, sink: Sink = ignore) -> LoadedModel:
-    """Load the model ``spec`` names. ``modes``: the generation modes the caller will run (a model of a
-    family that serves none of them is refused before its weights are built)."""
-    # the default model first: offline, its answer must not wait for torch and diffusers to import
-    ckpt = spec.ckpt if spec.ckpt is not None else default_checkpoint(lambda m: sink(Notice(m)))
+    """Load the model ``spec`` names (a path: sdgen.api.load_model finds the default model first).
+    ``modes``: the generation modes the caller will run (a model of a family that serves none of them is
+    refused before its weights are built)."""
+    ckpt = spec.ckpt
+    if ckpt is None:
+        raise ValueError("checkpoints.load.load_model needs spec.ckpt; sdgen.api.load_model finds the default")
     placement = choose(spec.device, spec.precision)
     quiet_libraries()
     families = tuple(f for f in FAMILIES if modes is None or set(modes) & set(f.modes))
