@@ -8,14 +8,15 @@ it through sdgen's real loader (sdgen.api.load_model). Then, in one process and 
 diffusers, sdgen, diffusers, ...):
 
   sdgen      sdgen.engine.run on the LoadedModel (txt2img, ddim, nothing saved: skip_save/skip_grid)
-  diffusers  a stock diffusers StableDiffusionPipeline built from the SAME UNet/VAE/text-encoder modules,
-             with a stock DDIMScheduler (scaled_linear 0.00085..0.012, steps_offset 1, set_alpha_to_one
-             False, epsilon or v_prediction), output_type="np"
+  diffusers  a stock diffusers StableDiffusionPipeline of the SAME file (diffusers' UNet2DConditionModel,
+             AutoencoderKL and transformers' CLIPTextModel made by diffusers' own single-file conversion,
+             placed in sdgen's device, dtype and layout), with a stock DDIMScheduler (scaled_linear
+             0.00085..0.012, steps_offset 1, set_alpha_to_one False, epsilon or v_prediction), output_type="np"
 
-Same prompt, steps, size, batch and guidance (7.5). Timings come from hooks on the shared modules (the same
-for both pipelines): per-step time = (end of the last UNet call - start of the first) / steps, fixed cost =
-total - denoising span (text encoder, latents, VAE decode, post-processing). On the CPU run few steps
-(--steps 2) and read the extrapolation: s/image(N) = per-step x N + fixed.
+Same prompt, steps, size, batch and guidance (7.5). Timings come from the same hooks on both pipelines'
+modules: per-step time = (end of the last UNet call - start of the first) / steps, fixed cost = total -
+denoising span (text encoder, latents, VAE decode, post-processing). On the CPU run few steps (--steps 2)
+and read the extrapolation: s/image(N) = per-step x N + fixed.
 
 --upscale (or --model x4) times sdgen's tiled x4 upscale (sdgen.engine.run in upscale mode, as `sdgen
 upscale` runs it: PNG with watermark written) of a --size input (default 512 -> 2048) and extrapolates to 75
@@ -36,8 +37,8 @@ Examples:
 
 Peak memory: CUDA torch.cuda.max_memory_allocated (reset before each run); CPU the process's peak RSS during
 the run (VmHWM, reset before each run through /proc/self/clear_refs; where that is not possible, a sampling
-thread, else resource.getrusage's lifetime peak, marked as such). Both pipelines share the weights, so the
-CPU figure is weights + that run's working memory.
+thread, else resource.getrusage's lifetime peak, marked as such). Each pipeline has its own copy of the
+weights, so the CPU figure is both copies + that run's working memory.
 """
 
 from __future__ import annotations
@@ -239,8 +240,8 @@ class CudaPeak:
 
 
 class Probe:
-    """Wall-clock intervals of the shared modules' calls: UNet forward, text encoder forward, VAE decode.
-    Installed once; both pipelines call the same modules, so both are measured the same way. On CUDA every
+    """Wall-clock intervals of the modules' calls: UNet forward, text encoder forward, VAE decode.
+    The same hooks on both pipelines' modules, so both are measured the same way. On CUDA every
     boundary synchronizes (a few microseconds per call, the same for both)."""
 
     def __init__(self, unet, text_encoder, vae, cuda: bool):
@@ -365,20 +366,37 @@ def timed(name: str, fn, probe: Probe, ctx, images: int, steps_of=lambda p: p.ca
 # ---- the two pipelines ---------------------------------------------------------------------------------
 
 
-def diffusers_pipeline(model, v_prediction: bool, own_modules: bool = False):
-    """Stock diffusers around the modules of sdgen's LoadedModel (``own_modules``: around copies of them, so
-    that compiling one pipeline leaves the other as it was)."""
-    import copy
+def diffusers_modules(model, ckpt: Path, v_prediction: bool | None) -> tuple:
+    """Stock diffusers/transformers UNet, VAE and text encoder made from ``ckpt`` by diffusers' own single-file
+    conversion (sdgen.checkpoints.build), placed as sdgen placed its modules: the same device, dtype (the VAE
+    in fp32 where the family needs it) and memory layout."""
+    import torch
 
+    from sdgen.checkpoints import build
+    from sdgen.checkpoints.files import read_state_dict
+    from sdgen.checkpoints.ldm_config import resolve
+    from sdgen.checkpoints.load import sibling_yaml
+
+    sd = read_state_dict(ckpt)
+    arch = resolve(sd, ckpt, sibling_yaml(ckpt), v_prediction)
+    parts = [build.build_unet(arch, sd, str(ckpt)), build.build_vae(arch, sd, str(ckpt))]
+    parts.append(build.build_text_encoder(arch, sd, str(ckpt)))
+    half = model.placement.precision != "fp32"  # sdgen's rule: channels-last convolutions in half precision
+    for ours, theirs in zip((model.unet, model.vae, model.text_encoder), parts, strict=True):
+        weight = next(ours.parameters())
+        layout = {"memory_format": torch.channels_last} if half and ours is not model.text_encoder else {}
+        theirs.to(weight.device, weight.dtype, **layout).requires_grad_(False)
+    return tuple(parts)
+
+
+def diffusers_pipeline(model, ckpt: Path, v_prediction: bool | None):
+    """A stock diffusers StableDiffusionPipeline of ``ckpt``, with modules of its own (diffusers_modules)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from sdgen.tokenizer import clip_tokenizer
+    from sdgen.tokenizer import hf_clip_tokenizer
 
-    unet, vae, text_encoder = model.unet, model.vae, model.text_encoder
-    if own_modules:
-        unet, vae, text_encoder = copy.deepcopy(unet), copy.deepcopy(vae), copy.deepcopy(text_encoder)
-
-    tokenizer = copy.deepcopy(clip_tokenizer())
+    unet, vae, text_encoder = diffusers_modules(model, ckpt, v_prediction)
+    tokenizer = hf_clip_tokenizer()
     tokenizer.model_max_length = 77
     if model.family.text.pad_id == 0:  # SD 2.x's diffusers tokenizer pads with "!" (id 0), as open_clip.tokenize
         tokenizer.pad_token = "!"
@@ -390,7 +408,7 @@ def diffusers_pipeline(model, v_prediction: bool, own_modules: bool = False):
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
-        prediction_type="v_prediction" if v_prediction else "epsilon",
+        prediction_type="v_prediction" if model.v_prediction else "epsilon",
     )
     dpipe = StableDiffusionPipeline(
         vae=vae,
@@ -457,12 +475,12 @@ def run_txt2img(args, log) -> dict:
     size = args.size or native
     ckpt = ensure_checkpoint(args.model, args.cache_dir, args.ckpt_dtype, log)
     t = time.perf_counter()
-    # sdgen compiles after the diffusers copy is taken (LoadSpec(compile=True) would compile the shared modules)
+    # --compile is applied below, as the bench applies diffusers' recipe to the stock side
     model = load_sdgen(args, ckpt, True if v else None, ("txt2img",), log, low_vram=args.low_vram)
     load_s = time.perf_counter() - t
     cuda = model.placement.torch_device.type == "cuda"
-    separate = args.compile or args.diffusers_compile
-    dpipe = diffusers_pipeline(model, v, own_modules=separate) if args.only != "sdgen" else None
+    compiled = bool(args.compile or args.diffusers_compile)
+    dpipe = diffusers_pipeline(model, ckpt, True if v else None) if args.only != "sdgen" else None
     if args.compile:
         from sdgen.runtime.compiling import compile_model
 
@@ -471,7 +489,7 @@ def run_txt2img(args, log) -> dict:
         compile_diffusers_stock(dpipe)
         log("bench: diffusers compiled (reduce-overhead, channels-last, fused QKV, UNet + VAE decode)")
     probe = Probe(model.unet, model.text_encoder, model.vae, cuda)
-    if separate and dpipe is not None:
+    if dpipe is not None:
         probe.attach(dpipe.unet, dpipe.text_encoder, dpipe.vae)
     prompt = args.prompt
     gen = GenerationSpec(
@@ -553,7 +571,7 @@ def run_txt2img(args, log) -> dict:
         "memory_level": model.memory.level,
         "runs": runs,
         "agreement": agreement(images),
-        "separate_modules": separate,
+        "compiled": compiled,
     }
 
 
@@ -774,15 +792,9 @@ def report_txt2img(res: dict, args) -> str:
         f"it/s = denoising iterations per second (one UNet call on the CFG batch of {2 * args.batch}). "
         f"Extrapolation: est. s/image @ {n} = (s/step x {n} + fixed) / batch, fixed = total - denoising span. "
         f"Peak memory: {method}"
-        + (
-            "."
-            if "cuda" in method
-            else " (process RSS, includes both pipelines' own weights)."
-            if res["separate_modules"]
-            else " (process RSS, includes the shared weights)."
-        )
+        + ("." if "cuda" in method else " (process RSS, includes both pipelines' own weights).")
         + " First run s: the first (warm-up) run of each pipeline"
-        + (", compile included." if res["separate_modules"] else "."),
+        + (", compile included." if res["compiled"] else "."),
     ]
     if res.get("agreement"):
         g = res["agreement"]
@@ -791,8 +803,7 @@ def report_txt2img(res: dict, args) -> str:
             f"difference {g['max_abs']} levels, mean {g['mean_abs']:.2f} (uint8 images of the last runs)."
         )
     if res["notes"] or res["memory_level"]:
-        shared = "" if res["separate_modules"] else " (the UNet/VAE settings it changed are shared with diffusers)"
-        lines.append(f"sdgen notes: {res['notes']}; OOM ladder level {res['memory_level']}{shared}.")
+        lines.append(f"sdgen notes: {res['notes']}; OOM ladder level {res['memory_level']}.")
     return "\n".join(lines)
 
 

@@ -14,8 +14,27 @@ calls are synchronised at every hook.
 from __future__ import annotations
 
 import atexit
+import os
+import resource
 import sys
 import time
+
+
+def seconds_since_process_start() -> float | None:
+    """Wall seconds since this process was created (Linux: /proc/self/stat starttime against /proc/uptime,
+    10 ms resolution), so the figure includes the interpreter's own start and every import."""
+    try:
+        fields = open("/proc/self/stat").read().rsplit(")", 1)[1].split()
+        start_ticks = int(fields[19])  # field 22 of stat(5); fields[0] is field 3
+        uptime = float(open("/proc/uptime").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def main() -> None:
@@ -32,6 +51,8 @@ def main() -> None:
     from bench import Probe  # noqa: E402  (bench/bench.py, beside this file)
 
     t_start = time.perf_counter()
+    since_start = seconds_since_process_start()
+    process_start = t_start - since_start if since_start is not None else t_start
     state: dict = {"notices": []}
     original_load, original_run = loading.load_model, api.run
 
@@ -43,6 +64,12 @@ def main() -> None:
         # after a --compile load model.unet is the compiled wrapper: the hooks run outside the compiled graph
         state["probe"] = Probe(model.unet, model.text_encoder, model.vae, cuda)
         state["model"] = model
+
+        def first_step(module, args):
+            if "first_unet" not in state:
+                state["first_unet"] = (time.perf_counter() - process_start, cpu_seconds())
+
+        model.unet.register_forward_pre_hook(first_step)
         return model
 
     def run(model, spec, output, sink=None, *args, **kwargs):
@@ -67,6 +94,9 @@ def main() -> None:
             median = durations[len(durations) // 2] if durations else float("nan")
             lines += [
                 f"cli_timing: load {state['load_s']:.1f} s",
+                "cli_timing: process start -> first UNet call {:.2f} s wall, {:.2f} CPU-s".format(
+                    *state.get("first_unet", (float("nan"), float("nan")))
+                ),
                 f"cli_timing: text encoder {probe.total('text_encoder'):.2f} s in {probe.calls('text_encoder')} calls",
                 f"cli_timing: UNet {calls} calls, {probe.total('unet'):.1f} s inside, span {probe.span('unet'):.1f} s "
                 f"(first call start -> last call end), median call {median:.2f} s",
@@ -75,6 +105,9 @@ def main() -> None:
             ]
             if torch.cuda.is_available() and state["model"].placement.torch_device.type == "cuda":
                 lines.append(f"cli_timing: CUDA max allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+        hwm = [line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")]
+        if hwm:
+            lines.append(f"cli_timing: peak RSS {int(hwm[0]) / 2**20:.2f} GiB (VmHWM)")
         print("\n".join(lines), file=sys.stderr, flush=True)
 
     atexit.register(summary)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from sdgen.checkpoints.hashing import file_sha256
 from sdgen.errors import InputError
 
 Image.MAX_IMAGE_PIXELS = 16384 * 16384  # a decompression bomb beyond this is refused by Pillow
@@ -38,11 +38,8 @@ def load_rgb(path: Path, flag: str) -> Image.Image:
 
 
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """An input image's SHA-256 (recorded in the metadata)."""
+    return file_sha256(path)
 
 
 def fit_size(

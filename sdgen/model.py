@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from sdgen.checkpoints.hashing import ModelHash
 from sdgen.errors import ModelOutputError
 from sdgen.families import Family
 from sdgen.runtime.device import Placement
@@ -41,11 +42,16 @@ class LoadedModel:
     native_size: int  # pixels: the default -H/-W
     placement: Placement
     name: str  # the file or folder name without suffix (A1111's 'Model')
-    hash: str | None  # A1111's 'Model hash' (None for diffusers folders)
+    hash_source: ModelHash | None  # A1111's 'Model hash', maybe still being computed (None: diffusers folder)
     config_source: str
     memory: MemoryPlan
     low_res_schedule: Schedule | None = None  # x4 upscaler: the noise augmentation's schedule
     compiled: str | None = None  # the torch.compile mode, set by runtime.compiling
+
+    @property
+    def hash(self) -> str | None:
+        """A1111's 'Model hash' (waits for the background hash of a file the cache did not know)."""
+        return None if self.hash_source is None else self.hash_source.value()
 
     @property
     def latent_channels(self) -> int:

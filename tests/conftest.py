@@ -64,16 +64,23 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 
 
 def save_as_diffusers(ckpt: Path, folder: Path) -> Path:
-    """Write the model sdgen loads from ``ckpt`` as a diffusers folder (unet, vae, text_encoder, scheduler)."""
+    """Write the model in ``ckpt`` as a diffusers folder (unet, vae, text_encoder, scheduler), converted by
+    diffusers' own single-file conversion (sdgen.checkpoints.build), not by sdgen's loader."""
     import json
 
     from sdgen.api import load_model
+    from sdgen.checkpoints import build
+    from sdgen.checkpoints.files import read_state_dict
+    from sdgen.checkpoints.ldm_config import resolve
+    from sdgen.checkpoints.load import sibling_yaml
     from sdgen.specs import LoadSpec
 
     pipe = load_model(LoadSpec(ckpt=ckpt, device="cpu"))
-    pipe.unet.save_pretrained(folder / "unet")
-    pipe.vae.save_pretrained(folder / "vae")
-    pipe.text_encoder.save_pretrained(folder / "text_encoder")
+    sd = read_state_dict(ckpt)
+    arch = resolve(sd, ckpt, sibling_yaml(ckpt), None)
+    build.build_unet(arch, sd, str(ckpt)).save_pretrained(folder / "unet")
+    build.build_vae(arch, sd, str(ckpt)).save_pretrained(folder / "vae")
+    build.build_text_encoder(arch, sd, str(ckpt)).save_pretrained(folder / "text_encoder")
     s = pipe.schedule
     (folder / "scheduler").mkdir()
     (folder / "scheduler" / "scheduler_config.json").write_text(

@@ -68,15 +68,15 @@ def test_cancel_stops_within_a_step_and_keeps_earlier_images(model, tmp_path):
 def test_a_runs_notes_do_not_reach_the_next_run(tiny, tmp_path, monkeypatch):
     """Run 1 overflows in bf16 and moves the UNet to fp32 (noted in its PNG); run 2 on the same model has no
     note of it, but its PNG says the UNet is fp32 now."""
-    from diffusers import UNet2DConditionModel
+    from sdgen.nets.unet import UNet
 
-    original = UNet2DConditionModel.forward
+    original = UNet.forward
 
     def overflowing(self, sample, *args, **kwargs):
         out = original(self, sample, *args, **kwargs)
         return (out[0] * float("inf"),) if self.dtype != torch.float32 else out
 
-    monkeypatch.setattr(UNet2DConditionModel, "forward", overflowing)
+    monkeypatch.setattr(UNet, "forward", overflowing)
     bf16 = sdgen.load_model(sdgen.LoadSpec(ckpt=tiny["sd1.safetensors"], device="cpu", precision="bf16"))
     notices: list = []
     spec = sdgen.GenerationSpec(prompts=("x",), seed=1, **SMALL)

@@ -196,9 +196,9 @@ def _inject(monkeypatch, cls, method: str, fail_when):
 
 
 def test_unet_oom_steps_down_the_ladder_and_finishes(sdgen, tiny, monkeypatch, tmp_path):
-    from diffusers import UNet2DConditionModel
+    from sdgen.nets.unet import UNet
 
-    _inject(monkeypatch, UNet2DConditionModel, "forward", lambda n, self: n <= 2)
+    _inject(monkeypatch, UNet, "forward", lambda n, self: n <= 2)
     run = sdgen("txt2img", "x", "--ckpt", tiny["sd1.safetensors"], *SMALL, "--seed", "1", "--outdir", tmp_path / "a")
     assert run.code == 0, run
     assert "out of GPU memory; retrying this batch with attention slicing" in run.stderr
@@ -212,7 +212,7 @@ def test_unet_oom_steps_down_the_ladder_and_finishes(sdgen, tiny, monkeypatch, t
 
 
 def test_vae_oom_is_retried(sdgen, tiny, monkeypatch):
-    from diffusers import AutoencoderKL
+    from sdgen.nets.vae import AutoencoderKL
 
     _inject(monkeypatch, AutoencoderKL, "decode", lambda n, self: n == 1)
     run = sdgen("txt2img", "x", "--ckpt", tiny["sd1.safetensors"], *SMALL)
@@ -221,9 +221,9 @@ def test_vae_oom_is_retried(sdgen, tiny, monkeypatch):
 
 
 def test_oom_at_the_bottom_keeps_earlier_images_and_says_what_to_try(sdgen, tiny, monkeypatch, tmp_path):
-    from diffusers import UNet2DConditionModel
+    from sdgen.nets.unet import UNet
 
-    _inject(monkeypatch, UNet2DConditionModel, "forward", lambda n, self: n > 2)  # batch 1 has 2 UNet calls
+    _inject(monkeypatch, UNet, "forward", lambda n, self: n > 2)  # batch 1 has 2 UNet calls
     run = sdgen(
         "txt2img", "x", "--ckpt", tiny["sd1.safetensors"], *SMALL, "--n_iter", "3", "--skip_grid", "--outdir", tmp_path
     )
@@ -273,9 +273,9 @@ def test_per_layer_offload_hooks_change_no_numbers_and_keep_an_upcast(tiny):
 
 
 def test_unet_overflow_in_half_precision_is_redone_in_fp32(sdgen, tiny, monkeypatch):
-    from diffusers import UNet2DConditionModel
+    from sdgen.nets.unet import UNet
 
-    original = UNet2DConditionModel.forward
+    original = UNet.forward
 
     def overflowing(self, sample, *args, **kwargs):
         out = original(self, sample, *args, **kwargs)
@@ -283,7 +283,7 @@ def test_unet_overflow_in_half_precision_is_redone_in_fp32(sdgen, tiny, monkeypa
             out = (out[0] * float("inf"),) if isinstance(out, tuple) else out
         return out
 
-    monkeypatch.setattr(UNet2DConditionModel, "forward", overflowing)
+    monkeypatch.setattr(UNet, "forward", overflowing)
     run = sdgen("txt2img", "x", "--ckpt", tiny["sd1.safetensors"], *SMALL, "--precision", "bf16")
     assert run.code == 0, run
     assert "overflowed in bf16; redoing this batch with the UNet in fp32" in run.stderr
@@ -294,7 +294,7 @@ def test_unet_overflow_in_half_precision_is_redone_in_fp32(sdgen, tiny, monkeypa
 
 
 def test_vae_overflow_in_half_precision_decodes_in_fp32(sdgen, tiny, monkeypatch):
-    from diffusers import AutoencoderKL
+    from sdgen.nets.vae import AutoencoderKL
 
     original = AutoencoderKL.decode
 
@@ -316,15 +316,15 @@ def test_vae_overflow_in_half_precision_decodes_in_fp32(sdgen, tiny, monkeypatch
 
 
 def test_nan_even_in_fp32_is_an_error_not_a_black_image(sdgen, tiny, monkeypatch, tmp_path):
-    from diffusers import UNet2DConditionModel
+    from sdgen.nets.unet import UNet
 
-    original = UNet2DConditionModel.forward
+    original = UNet.forward
 
     def broken(self, sample, *args, **kwargs):
         out = original(self, sample, *args, **kwargs)
         return (out[0] * float("nan"),)
 
-    monkeypatch.setattr(UNet2DConditionModel, "forward", broken)
+    monkeypatch.setattr(UNet, "forward", broken)
     run = sdgen("txt2img", "x", "--ckpt", tiny["sd1.safetensors"], *SMALL, "--outdir", tmp_path)
     assert_one_line_error(run, 1, "NaN", "broken")
     assert not list(tmp_path.rglob("*.png"))

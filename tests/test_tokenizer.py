@@ -30,3 +30,17 @@ def test_sd1_pads_with_end_of_text():
     ids, lengths = tokenize(["a cat"], CLIP.pad_id, CLIP.unescape_html)
     assert ids[0][:4] == [49406, 320, 2368, 49407] and set(ids[0][4:]) == {49407}
     assert lengths == [4]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_same_ids_as_transformers_clip_tokenizer(prompt):
+    """SD 1.x's reference tokenizer is transformers' CLIPTokenizer after ftfy (the reference's clean-up; the
+    fast tokenizer of transformers 5 skips it): sdgen's own BPE gives its ids."""
+    from sdgen.tokenizer import clean, hf_clip_tokenizer
+
+    ids, lengths = tokenize([prompt], CLIP.pad_id, CLIP.unescape_html)
+    expected = hf_clip_tokenizer()(clean(prompt, CLIP.unescape_html), truncation=False)["input_ids"]
+    assert lengths == [len(expected)]
+    if len(expected) > 77:
+        expected = expected[:76] + expected[-1:]
+    assert ids[0] == expected + [CLIP.pad_id] * (77 - len(expected))

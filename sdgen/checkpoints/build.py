@@ -1,5 +1,9 @@
 """Build diffusers/transformers modules from an original LDM yaml plus a state dict, offline.
 
+sdgen itself runs its own networks (sdgen.checkpoints.nets); these builders give the stock modules that the
+parity tests compare them with, that the tests save as diffusers folders, and that bench/ runs the stock
+diffusers pipeline on.
+
 The yaml gives the UNet and VAE hyperparameters; the state dict gives the text encoder's size (width, layers,
 MLP size; heads are 64 wide as in CLIP ViT-L/14 and OpenCLIP ViT-H/14). Key renaming is diffusers'
 single-file conversion. Modules are created with their parameters on the meta device and the checkpoint's
@@ -16,6 +20,7 @@ import torch
 from torch import nn
 
 from sdgen.checkpoints.ldm_config import Architecture
+from sdgen.checkpoints.nets import check_weights
 from sdgen.errors import ConfigError
 from sdgen.families.base import CLIP_PREFIX, OPENCLIP_PREFIX
 
@@ -43,22 +48,8 @@ def meta_parameters() -> Iterator[None]:
 def assign_weights(module: nn.Module, weights: dict[str, torch.Tensor], what: str, source: str) -> None:
     """Load ``weights`` into a meta-initialised module; every parameter must be provided with its shape."""
     expected = module.state_dict()
-    missing = [k for k, v in expected.items() if k not in weights and v.is_meta]
-    wrong = [
-        f"{k} {tuple(weights[k].shape)} vs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in weights and tuple(weights[k].shape) != tuple(v.shape)
-    ]
-    if wrong:
-        raise ConfigError(
-            f"{source}: the {what} weights do not match the config's architecture "
-            f"({len(wrong)} shape mismatches, e.g. {wrong[0]}); pass the yaml that belongs to this checkpoint"
-        )
-    if missing:
-        raise ConfigError(
-            f"{source}: the checkpoint lacks {len(missing)} {what} weights the config expects "
-            f"(e.g. {missing[0]}); the file is incomplete or needs another --config"
-        )
+    required = [k for k, v in expected.items() if v.is_meta]  # real buffers (position ids) may be absent
+    check_weights(expected, weights, required, what, source)
     usable = {k: v for k, v in weights.items() if k in expected}
     module.load_state_dict(usable, strict=False, assign=True)
 

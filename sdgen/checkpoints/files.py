@@ -1,6 +1,11 @@
 """Read a single-file checkpoint into a flat ``{name: tensor}`` dict without running code from the file.
 
-``.safetensors`` headers are checked by :func:`parse_safetensors_header` before the library maps the file,
+The tensors are views of the file mapped into memory (nothing is read until a tensor's data is used), so
+the loader can copy them one at a time into the modules, in the run's dtype, and hand each one's pages back
+(:meth:`MappedStateDict.release`): the peak memory of a load is the weights plus one tensor, not the file
+plus the weights.
+
+``.safetensors`` headers are checked by :func:`parse_safetensors_header` before the file is mapped,
 so a header that lies about sizes or offsets ends in a clear message. ``.ckpt`` files (PyTorch pickles) are
 read with torch's weights-only unpickler: only tensors, storages, plain containers, numbers and strings are
 rebuilt, plus inert stand-ins for the PyTorch Lightning bookkeeping classes that original SD checkpoints name.
@@ -9,11 +14,16 @@ Anything else (``os.system``, ``eval``, an unknown module) stops the load before
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import math
+import mmap
 import pickle
 import struct
+import warnings
 import zipfile
+from functools import cache as functools_cache
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +45,24 @@ SAFETENSORS_DTYPE_SIZES = {
     "I64": 8,
     "U64": 8,
     "F64": 8,
+}
+# safetensors dtype -> torch dtype name
+TORCH_DTYPES = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "I16": "int16",
+    "U16": "uint16",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I32": "int32",
+    "U32": "uint32",
+    "F32": "float32",
+    "I64": "int64",
+    "U64": "uint64",
+    "F64": "float64",
 }
 # A real SD header is ~100 KiB; the format caps it at 100 MB.
 MAX_SAFETENSORS_HEADER = 100_000_000
@@ -124,8 +152,48 @@ def parse_safetensors_header(head: bytes, file_size: int) -> dict[str, dict[str,
     return tensors
 
 
-def _read_safetensors(path: Path) -> dict[str, Any]:
-    from safetensors.torch import load_file
+class MappedStateDict(dict):
+    """A checkpoint's ``{name: tensor}``, the tensors being views of the file mapped read-only (or, for a
+    pickle that cannot be mapped, ordinary tensors). It keeps the mapping alive for as long as it lives, so
+    :meth:`release` never touches memory that is not the file's."""
+
+    def __init__(self, tensors: dict[str, Any], mapped: list[tuple[int, int]], keep: list[Any]) -> None:
+        super().__init__(tensors)
+        self._mapped = mapped  # [start, end) address ranges that belong to file mappings
+        self._keep = keep  # the objects that own those mappings
+
+    def release(self, tensor: Any) -> None:
+        """Hand back the resident pages behind ``tensor`` (a view of the mapped file; anything else is left
+        alone). The data stays valid: touched again, it is read from the page cache."""
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        if not any(a <= start and end <= b for a, b in self._mapped):
+            return
+        page = mmap.PAGESIZE
+        first, last = -(-start // page) * page, end // page * page  # whole pages inside the tensor only
+        if last > first:
+            _madvise_dontneed(first, last - first)
+
+
+@functools_cache
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
+def _madvise_dontneed(address: int, length: int) -> None:
+    libc = _libc()
+    if libc is None or not hasattr(libc, "madvise"):
+        return  # not glibc-like: the pages stay resident until the mapping goes (more memory, same pixels)
+    madv_dontneed = 4  # the same value on Linux and the BSDs
+    libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), madv_dontneed)
+
+
+def _read_safetensors(path: Path) -> MappedStateDict:
+    """Map the file and view each tensor in place: the header is validated first, the data not read."""
+    import torch
 
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -133,20 +201,35 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
         if len(head) == 8:
             (n,) = struct.unpack("<Q", head)
             head += f.read(min(n, MAX_SAFETENSORS_HEADER))
-    try:
-        parse_safetensors_header(head, size)
-        return load_file(str(path), device="cpu")
-    except Exception as e:  # the library's errors are not one class; name the file either way
-        raise CheckpointError(f"{path}: damaged safetensors file: {e}") from e
+        try:
+            header = parse_safetensors_header(head, size)
+            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (ValueError, OSError) as e:
+            raise CheckpointError(f"{path}: damaged safetensors file: {e}") from e
+    with warnings.catch_warnings():  # torch warns that the buffer is read-only: it is, and stays so
+        warnings.simplefilter("ignore")
+        data = torch.frombuffer(mapping, dtype=torch.uint8)
+    base = 8 + struct.unpack("<Q", head[:8])[0]
+    tensors = {}
+    for name, info in header.items():
+        begin, end = info["data_offsets"]
+        raw = data[base + begin : base + end]
+        dtype = getattr(torch, TORCH_DTYPES[info["dtype"]])
+        try:
+            flat = raw.view(dtype)
+        except RuntimeError:  # an offset not aligned to the element size: this tensor is copied
+            flat = raw.clone().view(dtype)
+        tensors[name] = flat.reshape(info["shape"])
+    start = data.data_ptr()
+    return MappedStateDict(tensors, [(start, start + size)], [data, mapping])
 
 
 def _read_pickle(path: Path) -> Any:
     import torch
 
-    is_zip = zipfile.is_zipfile(path)
     try:
         with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=_mappable(path))
     except pickle.UnpicklingError as e:
         message = str(e)
         if "global" in message.lower() or "unsupported operand" in message.lower():
@@ -159,6 +242,17 @@ def _read_pickle(path: Path) -> Any:
     except Exception as e:  # torch raises many kinds (RuntimeError, EOFError, SafetensorError, ...) on junk
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"{path}: damaged or truncated checkpoint ({first})") from e
+
+
+def _mappable(path: Path) -> bool:
+    """Whether torch can map the file instead of reading it: a zip whose members are all stored, not
+    compressed (a checkpoint re-packed by ``zip -r`` deflates them, and a mapped view of deflated bytes is
+    garbage; torch reads those correctly without mmap)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return all(info.compress_type == zipfile.ZIP_STORED for info in z.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
 
 
 def _unsafe_name(message: str) -> str:
@@ -183,7 +277,7 @@ def sniff_format(path: Path) -> str:
     return "unknown"
 
 
-def read_state_dict(path: Path) -> dict[str, Any]:
+def read_state_dict(path: Path) -> MappedStateDict:
     """The flat tensor dict of a single-file checkpoint (the ``state_dict`` entry of a Lightning pickle)."""
     import torch
 
@@ -211,4 +305,11 @@ def read_state_dict(path: Path) -> dict[str, Any]:
     tensors = {k: v for k, v in loaded.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not tensors:
         raise CheckpointError(f"--ckpt {path}: holds no weights")
-    return tensors
+    if isinstance(loaded, MappedStateDict):
+        return MappedStateDict(tensors, loaded._mapped, loaded._keep)
+    if fmt == "torch-zip" and _mappable(path):
+        # torch.load mapped the file: every tensor's storage is a slice of that one mapping
+        storages = {id(s): s for s in (t.untyped_storage() for t in tensors.values())}.values()
+        spans = [(s.data_ptr(), s.data_ptr() + s.nbytes()) for s in storages]
+        return MappedStateDict(tensors, spans, list(storages))
+    return MappedStateDict(tensors, [], [])

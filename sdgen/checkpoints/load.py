@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sdgen.checkpoints.hashing import model_hash
+from sdgen.checkpoints.hashing import ModelHash
 from sdgen.checkpoints.ldm_config import resolve
 from sdgen.errors import CheckpointError
 from sdgen.events import Loaded, Notice, Sink, ignore
@@ -43,7 +43,6 @@ def load_model(spec: LoadSpec, modes: tuple[str, ...] | None = None, sink: Sink 
     if ckpt is None:
         raise ValueError("checkpoints.load.load_model needs spec.ckpt; sdgen.api.load_model finds the default")
     placement = choose(spec.device, spec.precision)
-    quiet_libraries()
     families = tuple(f for f in FAMILIES if modes is None or set(modes) & set(f.modes))
     if ckpt.is_dir():
         model = _load_diffusers_folder(ckpt, placement, spec, families)
@@ -76,7 +75,8 @@ def _check_family(family: Family, families: tuple[Family, ...], ckpt: Path) -> N
 
 
 def _place(parts: dict[str, Any], family: Family, placement: Placement, low_vram: bool) -> None:
-    """Cast to the run's dtype; move to the device unless --low-vram keeps the weights on the CPU.
+    """A diffusers folder's modules: cast to the run's dtype; move to the device unless --low-vram keeps the
+    weights on the CPU (single files are placed tensor by tensor as they load: sdgen.checkpoints.nets).
     Half-precision runs also take the channels-last layout for the convolutional models (17% faster per
     UNet call in bf16 on an AMX CPU); fp32 keeps the default layout, whose numerics match the reference."""
     import torch
@@ -108,20 +108,17 @@ def _assemble(family: Family, parts: dict[str, Any], placement: Placement, **fie
 
 
 def _load_single_file(ckpt: Path, placement: Placement, spec: LoadSpec, families: tuple[Family, ...]) -> LoadedModel:
-    from sdgen.checkpoints import build
     from sdgen.checkpoints.files import read_state_dict
+    from sdgen.checkpoints.nets import build_parts
 
-    sd = read_state_dict(ckpt)
+    sd = read_state_dict(ckpt)  # mapped, not read
     arch = resolve(sd, ckpt, spec.config or sibling_yaml(ckpt), spec.v_prediction)
     _check_family(arch.family, families, ckpt)
-    source = str(ckpt)
-    parts = {
-        "unet": build.build_unet(arch, sd, source),
-        "vae": build.build_vae(arch, sd, source),
-        "text_encoder": build.build_text_encoder(arch, sd, source),
-    }
+    model_hash = ModelHash(ckpt)  # in the background while the weights load, unless cached
+    parts = build_parts(arch, sd, str(ckpt), placement, spec.low_vram)
     del sd
-    _place(parts, arch.family, placement, spec.low_vram)
+    if placement.device == "cpu":
+        tune_cpu_allocator()
     p = arch.params
     low = p.get("low_scale_config", {}).get("params", {}).get("noise_schedule_config")
     d = X4_LOW_RES_SCHEDULE  # the defaults of the reference's low-scale model, too
@@ -135,7 +132,7 @@ def _load_single_file(ckpt: Path, placement: Placement, spec: LoadSpec, families
         schedule=Schedule(p.get("linear_start", 0.00085), p.get("linear_end", 0.012), p.get("timesteps", 1000)),
         native_size=arch.native_size,
         name=ckpt.stem,
-        hash=model_hash(ckpt),
+        hash_source=model_hash,
         config_source=arch.config_source,
     )
 
@@ -146,6 +143,7 @@ def _load_diffusers_folder(
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
+    quiet_libraries()
     if not (folder / "model_index.json").is_file():
         raise CheckpointError(f"--ckpt {folder}: a folder but not a diffusers model (no model_index.json)")
     try:
@@ -178,7 +176,7 @@ def _load_diffusers_folder(
         schedule=schedule,
         native_size=int(unet.config.sample_size) * 8,
         name=folder.name,
-        hash=None,
+        hash_source=None,
         config_source="diffusers folder",
         low_res_schedule=low_res,
     )
