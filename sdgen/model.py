@@ -17,7 +17,7 @@ import torch
 from sdgen.checkpoints.hashing import ModelHash
 from sdgen.errors import ModelOutputError
 from sdgen.families import Family
-from sdgen.runtime.device import Placement
+from sdgen.runtime.device import Placement, large_buffers_returned
 from sdgen.runtime.memory import LADDER, MemoryPlan
 from sdgen.samplers.schedule import Schedule
 from sdgen.tokenizer import tokenize
@@ -114,7 +114,7 @@ class LoadedModel:
         """Latents -> float32 pixels in [-1, 1] (not yet clamped), on the device. Raises HalfOverflow('vae')
         when a half-precision VAE overflows (the engine upcasts it and decodes again)."""
         z = latents / self.latent_scale
-        with self.memory.using("vae") as vae:
+        with self.memory.using("vae") as vae, large_buffers_returned():
             x = vae.decode(z.to(vae.dtype), return_dict=False)[0]
         if not torch.isfinite(x).all():
             if self.vae.dtype != torch.float32:

@@ -85,7 +85,8 @@ def _place(parts: dict[str, Any], family: Family, placement: Placement, low_vram
     half = placement.precision != "fp32"
     for name, module in parts.items():
         dtype = torch.float32 if name == "vae" and family.vae_fp32 else placement.dtype
-        layout = {"memory_format": torch.channels_last} if half and name != "text_encoder" else {}
+        last = name == "unet" and half or name == "vae" and (half or placement.device == "cpu")  # as nets.build_parts
+        layout = {"memory_format": torch.channels_last} if last else {}
         # one pass per weight: cast, move and re-layout together (the x4 VAE is not cast to half and back)
         module.to(device, dtype, **layout)
     if placement.device == "cpu":

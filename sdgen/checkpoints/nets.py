@@ -108,7 +108,10 @@ def build_parts(arch: Architecture, sd: MappedStateDict, source: str, placement:
     common: dict[str, Any] = {"device": device, "release": sd.release, "source": source}
     place_weights(unet, _under(sd, UNET_PREFIX), dtype=placement.dtype, channels_last=half, what="UNet", **common)
     vae_dtype = torch.float32 if arch.family.vae_fp32 else placement.dtype
-    place_weights(vae, _under(sd, VAE_PREFIX), dtype=vae_dtype, channels_last=half, what="VAE", **common)
+    # the VAE channels-last on the CPU in fp32 too: its convolutions then skip oneDNN's blocked-layout copies
+    # of 256 MiB activations (512 px decode peak +0.98 -> +0.71 GiB; pixels within 1 level of NCHW's)
+    vae_last = half or placement.device == "cpu"
+    place_weights(vae, _under(sd, VAE_PREFIX), dtype=vae_dtype, channels_last=vae_last, what="VAE", **common)
     text_weights = apply_key_map(sd, text_key_map(sd, text.layout, layer))
     place_weights(text_encoder, text_weights, dtype=placement.dtype, channels_last=False, what="text encoder", **common)
     return {"unet": unet.eval(), "vae": vae.eval(), "text_encoder": text_encoder.eval()}

@@ -7,7 +7,10 @@ allowed when asked for. A device asked for by name that is absent is an error, n
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from sdgen.errors import DeviceError, UsageError
 
@@ -38,10 +41,17 @@ class Placement:
         return f"{self.device}, {self.precision}"
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+TUNED_MMAP_THRESHOLD = 1 << 30
+LARGE_BUFFER = 32 << 20  # glibc's own largest mmap threshold: larger blocks are mapped, and unmapped when freed
+_tuned_libc: Any = None  # the libc whose allocator tune_cpu_allocator changed
+
+
 def tune_cpu_allocator() -> None:
     """Keep freed activation buffers in glibc's heap instead of returning them to the OS: the UNet's
     32 MiB-class activations otherwise cross the mmap threshold and are page-faulted in again on every call
     (measured: 18% of CPU time in the kernel during a tiled upscale). Numerics are unchanged."""
+    global _tuned_libc
     import ctypes
     import ctypes.util
     import sys
@@ -50,12 +60,30 @@ def tune_cpu_allocator() -> None:
         return
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        libc.mallopt, libc.malloc_trim  # noqa: B018 (glibc has both)
     except (OSError, AttributeError):
         return  # not glibc (e.g. musl): nothing to tune
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    mallopt(m_mmap_threshold, 1 << 30)
-    mallopt(m_trim_threshold, 1 << 30)
+    libc.mallopt(M_MMAP_THRESHOLD, TUNED_MMAP_THRESHOLD)
+    libc.mallopt(M_TRIM_THRESHOLD, TUNED_MMAP_THRESHOLD)
+    _tuned_libc = libc
+
+
+@contextlib.contextmanager
+def large_buffers_returned() -> Iterator[None]:
+    """For a step of few, large buffers (the VAE decode: 256 MiB tensors at 512 px in fp32): hand the heap's
+    free memory back first, and map blocks over 32 MiB separately so that each goes back to the OS when freed.
+    With the tuned allocator the decode's large blocks pile up in the heap instead (measured on the 2-core
+    EPYC, SD 1.5 fp32 512 px decode: +1.26 GiB peak against +0.79 GiB, for 1 s more of page faults)."""
+    libc = _tuned_libc
+    if libc is None:
+        yield
+        return
+    libc.malloc_trim(0)
+    libc.mallopt(M_MMAP_THRESHOLD, LARGE_BUFFER)
+    try:
+        yield
+    finally:
+        libc.mallopt(M_MMAP_THRESHOLD, TUNED_MMAP_THRESHOLD)
 
 
 def validate_device_name(name: str) -> str:
