@@ -125,7 +125,7 @@ def test_imports_only_torch_and_the_standard_library():
     names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     allowed = set(sys.stdlib_module_names) | {"torch", "sdgen"}
     assert {n.split(".")[0] for n in names} <= allowed, names
-    assert {n for n in names if n.startswith("sdgen")} <= {"sdgen.errors"}
+    assert {n for n in names if n.startswith("sdgen")} <= {"sdgen.errors", "sdgen.nets"}
 
 
 @pytest.mark.parametrize("family", ["sd1", "x4"])  # x4: attn1 attends to the text too (disable_self_attentions)

@@ -179,3 +179,29 @@ def test_imports_only_torch_and_the_standard_library():
     allowed = set(sys.stdlib_module_names) | {"torch", "sdgen"}
     assert {n.split(".")[0] for n in names} <= allowed, names
     assert {n for n in names if n.startswith("sdgen")} <= {"sdgen.errors"}  # which imports nothing
+
+
+@pytest.mark.parametrize("name", ["sd1-wide", "x4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: never banded, the same bits
+def test_bands_of_rows_give_the_unbanded_pixels(name, dtype, tmp_path, monkeypatch):
+    """The CPU's banded layers (forced here on small inputs, in bands of 5 rows, so that a band's halo rows,
+    the in-place conv and the upsampler's odd rows are all exercised): the same pixels within 1 level."""
+    arch, sd = _case(name, tmp_path)
+    vae = _ours(arch, sd).to(dtype, memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(6)
+    z = torch.randn(1, 4, 11, 7, generator=g).to(dtype)
+    x = (torch.rand(1, 3, 11 * vae.factor, 7 * vae.factor, generator=g) * 2 - 1).to(dtype)
+    with torch.no_grad():
+        plain, dist = vae.decode(z)[0], vae.encode(x).latent_dist
+        monkeypatch.setattr(vae_module, "BAND_BYTES", 0)
+        monkeypatch.setattr(vae_module, "BAND_ROWS", 5)
+        banded, banded_dist = vae.decode(z)[0], vae.encode(x).latent_dist
+    assert banded.shape == plain.shape and banded.dtype == dtype
+    level = 2 / 255  # one 8-bit level of the [-1, 1] output
+    diff = (banded.float() - plain.float()).abs().max().item()
+    print(f"{name} {dtype}: banded decode max abs diff {diff:.3g} ({diff / level:.3g} levels)", file=sys.stderr)
+    if dtype == torch.bfloat16:
+        assert torch.equal(banded, plain) and torch.equal(banded_dist.mean, dist.mean)
+        return
+    assert 0 < diff <= 0.01 * level  # banded (not the same bits), and within a hundredth of a level
+    assert _diff(banded_dist.mean, dist.mean)[0] <= 1e-4 * dist.mean.abs().max().item()

@@ -24,6 +24,7 @@ from torch import nn
 
 from sdgen.errors import ConfigError
 from sdgen.families.base import CLIP_PREFIX, OPENCLIP_PREFIX
+from sdgen.nets import Embedding
 
 HEAD_WIDTH = 64  # CLIP ViT-L/14 and OpenCLIP ViT-H/14 both use 64-wide heads
 LAYER_NORM_EPS = 1e-5
@@ -93,8 +94,8 @@ class EncoderLayer(nn.Module):
 class Embeddings(nn.Module):
     def __init__(self, vocab_size: int, width: int, positions: int) -> None:
         super().__init__()
-        self.token_embedding = nn.Embedding(vocab_size, width)
-        self.position_embedding = nn.Embedding(positions, width)
+        self.token_embedding = Embedding(vocab_size, width)
+        self.position_embedding = Embedding(positions, width)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         # position ids are made here, not kept as a buffer: nothing to rebuild after a meta-device construction

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdgen.errors import ConfigError
+from sdgen.nets import Embedding
 
 GROUPS = 32  # LDM's normalization(): GroupNorm(32, C) ...
 RESBLOCK_EPS = 1e-5  # ... with torch's default eps in the residual blocks and at the output
@@ -263,7 +264,7 @@ class UNet(nn.Module):
         self.model_channels = mc
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels))
         num_classes = p.get("num_classes")
-        self.label_emb = nn.Embedding(num_classes, emb_channels) if isinstance(num_classes, int) else None
+        self.label_emb = Embedding(num_classes, emb_channels) if isinstance(num_classes, int) else None
         self.input_blocks = nn.ModuleList([Level([nn.Conv2d(p["in_channels"], mc, 3, padding=1)])])
         skips, ch, ds = [mc], mc, 1
         for level, mult in enumerate(mults):

@@ -47,11 +47,97 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One expression, swish in place on the norms' fresh outputs, the residual added in place: each
-        # intermediate is freed as soon as the next layer has read it. At 512 px the decoder's last level
-        # holds 256 MiB tensors (fp32); fewer of them alive at once is a lower peak, with the same bits.
+        if _in_bands(x):
+            h = norm_swish_conv_in_bands(x, self.norm1, self.conv1)
+            h = norm_swish_conv_in_bands(h, self.norm2, self.conv2, in_place=True)
+            for r0, r1 in _bands(x.shape[2]):
+                rows = x[:, :, r0:r1]
+                h[:, :, r0:r1] += self.nin_shortcut(rows) if self.nin_shortcut is not None else rows
+            return h
+        # swish in place on the norms' fresh outputs, the residual added in place: fewer large tensors alive
         h = self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(x), inplace=True))), inplace=True))
         return h.add_(self.nin_shortcut(x) if self.nin_shortcut is not None else x)
+
+
+# ---- bands of rows (the CPU's large activations) -------------------------------------------------------
+# At 512 px the decoder's last levels hold tensors of 128-256 MiB in fp32 (576 MiB at 768 px), and a plain
+# norm -> swish -> conv keeps three or four of them alive. On the CPU such layers run in bands of rows: the
+# norm's statistics over the whole input first, then per band its rows plus one above and below through the
+# norm, swish and the same conv module, so that only the input, the output and one band's temporaries
+# exist. In fp32 the pixels are the unbanded ones within 0.001 level (the statistics are summed in another
+# order). Not in bf16: there a norm output one rounding step off now and then grows, through the decoder, to
+# several levels (4.5 on the tiny test VAE at full contrast), so half precision keeps the plain path.
+BAND_BYTES = 32 << 20  # inputs larger than this go in bands ...
+BAND_ROWS = 64  # ... of this many output rows
+
+
+def _empty_like_rows(band: torch.Tensor, height: int) -> torch.Tensor:
+    """An uninitialised tensor like ``band`` (dtype, device, memory format) but ``height`` rows tall."""
+    last = band.is_contiguous(memory_format=torch.channels_last) and not band.is_contiguous()
+    layout = torch.channels_last if last else torch.contiguous_format
+    shape = (*band.shape[:2], height, band.shape[3])
+    return torch.empty(shape, dtype=band.dtype, device=band.device, memory_format=layout)
+
+
+def _in_bands(x: torch.Tensor) -> bool:
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4 or torch.compiler.is_compiling():
+        return False
+    return x.numel() * x.element_size() > BAND_BYTES and x.shape[2] > BAND_ROWS
+
+
+def _bands(height: int) -> list[tuple[int, int]]:
+    return [(r0, min(r0 + BAND_ROWS, height)) for r0 in range(0, height, BAND_ROWS)]
+
+
+def _group_statistics(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample and group, the mean and variance of ``x`` in float32, summed band by band (two passes)."""
+    b, c, h, w = x.shape
+    count = c // groups * h * w
+    total = x.new_zeros((b, groups), dtype=torch.float32)
+    for r0, r1 in _bands(h):
+        total += x[:, :, r0:r1].float().unflatten(1, (groups, -1)).sum(dim=(2, 3, 4))
+    mean = total / count
+    squares = torch.zeros_like(total)
+    for r0, r1 in _bands(h):
+        centred = x[:, :, r0:r1].float().unflatten(1, (groups, -1)) - mean[:, :, None, None, None]
+        squares += centred.square().sum(dim=(2, 3, 4))
+    return mean, squares / count
+
+
+def _norm_swish(rows: torch.Tensor, norm: nn.GroupNorm, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """swish(norm(x)) of some rows of x, given x's statistics: as GroupNorm computes it, x * scale + shift
+    in float32 with scale = gamma / sqrt(var + eps) and shift = beta - mean * scale, then the input's dtype."""
+    b, c = rows.shape[:2]
+    per_group = (var + norm.eps).rsqrt()
+    assert norm.weight is not None and norm.bias is not None  # SD's norms are affine
+    scale = per_group.repeat_interleave(c // norm.num_groups, dim=1) * norm.weight.float()
+    shift = norm.bias.float() - mean.repeat_interleave(c // norm.num_groups, dim=1) * scale
+    out = torch.addcmul(shift[:, :, None, None], rows.float(), scale[:, :, None, None]).to(rows.dtype)
+    return F.silu(out, inplace=True)
+
+
+def norm_swish_conv_in_bands(
+    x: torch.Tensor, norm: nn.GroupNorm, conv: nn.Conv2d, in_place: bool = False
+) -> torch.Tensor:
+    """``conv(swish(norm(x)))`` for a 3x3 (padding 1) or 1x1 ``conv``, band by band. ``in_place``: the output
+    (of x's shape) overwrites x, the row each band still needs from the band above kept aside."""
+    mean, var = _group_statistics(x, norm.num_groups)
+    height = x.shape[2]
+    halo = conv.kernel_size[0] // 2
+    out: torch.Tensor | None = x if in_place else None
+    kept: torch.Tensor | None = None  # in place: the previous band's last input rows, before it overwrote them
+    for r0, r1 in _bands(height):
+        lo, hi = max(r0 - halo, 0), min(r1 + halo, height)
+        rows = x[:, :, lo:hi] if kept is None else torch.cat([kept, x[:, :, r0:hi]], dim=2)
+        if in_place and halo:
+            kept = x[:, :, r1 - halo : r1].clone()
+        # the module pads every side by one: the rows it computes from that padding inside the image are dropped
+        y = conv(_norm_swish(rows, norm, mean, var))[:, :, r0 - lo : r0 - lo + r1 - r0]
+        if out is None:
+            out = _empty_like_rows(y, height)
+        out[:, :, r0:r1] = y
+    assert out is not None
+    return out
 
 
 class TokenConv(nn.Conv2d):
@@ -111,7 +197,19 @@ class Upsample(nn.Module):
         # (pytorch#141831, diffusers#984); the layout does not change the values
         if x.shape[0] >= 64 or x.numel() * 4 >= 2**31:
             x = x.contiguous()
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        if not _in_bands(x):
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        height = 2 * x.shape[2]
+        out: torch.Tensor | None = None
+        for r0, r1 in _bands(height):  # bands of output rows, from input rows r // 2 (plus the 3x3 halo)
+            lo, hi = max(r0 - 1, 0), min(r1 + 1, height)
+            up = F.interpolate(x[:, :, lo // 2 : (hi + 1) // 2], scale_factor=2.0, mode="nearest")
+            y = self.conv(up[:, :, lo % 2 : lo % 2 + hi - lo])[:, :, r0 - lo : r0 - lo + r1 - r0]
+            if out is None:
+                out = _empty_like_rows(y, height)
+            out[:, :, r0:r1] = y
+        assert out is not None
+        return out
 
 
 class Level(nn.Module):
@@ -214,6 +312,8 @@ class Decoder(nn.Module):
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)
+        if _in_bands(h):
+            return norm_swish_conv_in_bands(h, self.norm_out, self.conv_out)
         return self.conv_out(F.silu(self.norm_out(h), inplace=True))
 
 
