@@ -3,8 +3,11 @@ transformers (seconds of imports before the first step; bench/startup.py measure
 
 from __future__ import annotations
 
+import ast
+import importlib
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import gradient_image
@@ -29,3 +32,20 @@ def test_a_single_file_run_imports_neither_diffusers_nor_transformers(case, tiny
     assert out.returncode == 0, out.stderr[-2000:]
     assert list(tmp_path.rglob("*.png")), out.stderr[-2000:]
     assert "IMPORTED []" in out.stdout, out.stdout
+
+
+# sdgen's networks: torch, the standard library and these sdgen modules (which import nothing heavy) only
+NETWORK_IMPORTS = {
+    "sdgen.nets.unet": {"sdgen.errors", "sdgen.nets"},
+    "sdgen.nets.vae": {"sdgen.errors"},
+    "sdgen.nets.clip": {"sdgen.errors", "sdgen.nets", "sdgen.families.base"},
+}
+
+
+@pytest.mark.parametrize("module", list(NETWORK_IMPORTS))
+def test_the_networks_import_only_torch_and_the_standard_library(module):
+    tree = ast.parse(Path(importlib.import_module(module).__file__).read_text(encoding="utf-8"))
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert {n.split(".")[0] for n in names} <= set(sys.stdlib_module_names) | {"torch", "sdgen"}, names
+    assert {n for n in names if n.startswith("sdgen")} <= NETWORK_IMPORTS[module]

@@ -124,15 +124,26 @@ def norm_swish_conv_in_bands(
     mean, var = _group_statistics(x, norm.num_groups)
     height = x.shape[2]
     halo = conv.kernel_size[0] // 2
-    out: torch.Tensor | None = x if in_place else None
     kept: torch.Tensor | None = None  # in place: the previous band's last input rows, before it overwrote them
-    for r0, r1 in _bands(height):
+
+    def band(r0: int, r1: int) -> torch.Tensor:
+        nonlocal kept
         lo, hi = max(r0 - halo, 0), min(r1 + halo, height)
         rows = x[:, :, lo:hi] if kept is None else torch.cat([kept, x[:, :, r0:hi]], dim=2)
         if in_place and halo:
             kept = x[:, :, r1 - halo : r1].clone()
         # the module pads every side by one: the rows it computes from that padding inside the image are dropped
-        y = conv(_norm_swish(rows, norm, mean, var))[:, :, r0 - lo : r0 - lo + r1 - r0]
+        return conv(_norm_swish(rows, norm, mean, var))[:, :, r0 - lo : r0 - lo + r1 - r0]
+
+    return _assemble_bands(height, band, x if in_place else None)
+
+
+def _assemble_bands(
+    height: int, band: Callable[[int, int], torch.Tensor], out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The tensor whose rows r0:r1 are ``band(r0, r1)``, written into ``out`` (or a new tensor like the bands)."""
+    for r0, r1 in _bands(height):
+        y = band(r0, r1)
         if out is None:
             out = _empty_like_rows(y, height)
         out[:, :, r0:r1] = y
@@ -200,16 +211,13 @@ class Upsample(nn.Module):
         if not _in_bands(x):
             return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
         height = 2 * x.shape[2]
-        out: torch.Tensor | None = None
-        for r0, r1 in _bands(height):  # bands of output rows, from input rows r // 2 (plus the 3x3 halo)
+
+        def band(r0: int, r1: int) -> torch.Tensor:  # output rows r0:r1 from input rows r // 2 (plus the halo)
             lo, hi = max(r0 - 1, 0), min(r1 + 1, height)
             up = F.interpolate(x[:, :, lo // 2 : (hi + 1) // 2], scale_factor=2.0, mode="nearest")
-            y = self.conv(up[:, :, lo % 2 : lo % 2 + hi - lo])[:, :, r0 - lo : r0 - lo + r1 - r0]
-            if out is None:
-                out = _empty_like_rows(y, height)
-            out[:, :, r0:r1] = y
-        assert out is not None
-        return out
+            return self.conv(up[:, :, lo % 2 : lo % 2 + hi - lo])[:, :, r0 - lo : r0 - lo + r1 - r0]
+
+        return _assemble_bands(height, band)
 
 
 class Level(nn.Module):
