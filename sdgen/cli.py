@@ -31,6 +31,8 @@ from sdgen.specs import (
     DEFAULT_STRENGTH,
     DEFAULT_TILE,
     DEFAULT_UPSCALE_STEPS,
+    MAX_PLAN_PROMPTS,
+    MAX_REPEAT,
     MAX_SEED,
     RANDOM_SEED,
     SEED_MODES,
@@ -353,8 +355,8 @@ def _prompts(o: dict) -> tuple[list[str], bool]:
     prompt_arg, prompt_opt, from_file, repeat = o["prompt_arg"], o["prompt_opt"], o["from_file"], o["repeat"]
     if prompt_arg and prompt_opt and prompt_arg != prompt_opt:
         raise click.UsageError("give the prompt either as an argument or with --prompt, not both")
-    if repeat < 1:
-        raise click.BadParameter(f"{repeat} (must be at least 1)", param_hint="'--repeat'")
+    if not 1 <= repeat <= MAX_REPEAT:
+        raise click.BadParameter(f"{repeat} (must be between 1 and {MAX_REPEAT})", param_hint="'--repeat'")
     if from_file is None:
         if repeat != 1:
             raise click.UsageError(
@@ -367,7 +369,13 @@ def _prompts(o: dict) -> tuple[list[str], bool]:
         return [prompt], False
     if prompt_arg or prompt_opt:
         raise click.UsageError("give either a prompt or --from-file, not both")
-    return [p for p in read_prompt_file(from_file) for _ in range(repeat)], True
+    lines = read_prompt_file(from_file)
+    if len(lines) * repeat > MAX_PLAN_PROMPTS:
+        raise click.UsageError(
+            f"--from-file {from_file} with --repeat {repeat}: {len(lines) * repeat} prompts, more than the "
+            f"{MAX_PLAN_PROMPTS} one run takes; split the file"
+        )
+    return [p for p in lines for _ in range(repeat)], True
 
 
 def _generation_spec(o: dict, mode: str, **parts: Any) -> GenerationSpec:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import stat
 import warnings
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from sdgen.checkpoints.hashing import file_sha256
@@ -13,28 +15,57 @@ from sdgen.errors import InputError
 Image.MAX_IMAGE_PIXELS = 16384 * 16384  # a decompression bomb beyond this is refused by Pillow
 
 
+MAX_INPUT_PIXELS = 8192 * 8192  # an input image's pixels, checked from its header before it is decoded
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # I: how Pillow opens some 16-bit files
+CONVERTIBLE = ("1", "L", "P", "RGB", "RGBX", "RGBA", "RGBa", "LA", "La", "PA", "CMYK", "YCbCr")
+
+
 def load_rgb(path: Path, flag: str) -> Image.Image:
-    """An RGB image with EXIF orientation applied; RGBA, palette and grayscale are converted."""
+    """An 8-bit RGB image with EXIF orientation applied. Transparency becomes white; 16-bit grayscale is
+    scaled (>> 8), float images are taken as 0..1 (x 255, clamped); other modes are refused by name."""
     if not path.exists():
         raise InputError(f"{flag} {path}: no such file")
     if path.is_dir():
         raise InputError(f"{flag} {path}: is a folder, not an image")
+    if not stat.S_ISREG(path.stat().st_mode):
+        raise InputError(f"{flag} {path}: not a regular file (a pipe, socket or device); give an image file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
+                w, h = img.size
+                if w * h > MAX_INPUT_PIXELS:
+                    raise InputError(
+                        f"{flag} {path}: {w}x{h} is {w * h} pixels, more than the {MAX_INPUT_PIXELS} "
+                        "(8192x8192) allowed; scale it down first"
+                    )
                 img.load()
-                img = ImageOps.exif_transpose(img)
-                if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                    # transparent areas become white, as most editors show them, not black
-                    base = Image.new("RGB", img.size, (255, 255, 255))
-                    base.paste(img.convert("RGBA"), mask=img.convert("RGBA").split()[-1])
-                    return base
-                return img.convert("RGB")
+                return _to_rgb8(ImageOps.exif_transpose(img), path, flag)
     except UnidentifiedImageError:
         raise InputError(f"{flag} {path}: not an image Pillow can read (PNG, JPEG, WebP, ...)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise InputError(f"{flag} {path}: damaged or truncated image ({e})") from None
+
+
+def _to_rgb8(img: Image.Image, path: Path, flag: str) -> Image.Image:
+    if img.mode in SIXTEEN_BIT:  # Pillow's own conversion clips at 255 (a 16-bit image turns white)
+        gray = np.asarray(img).astype(np.int64).clip(0, 65535) >> 8
+        return Image.fromarray(gray.astype(np.uint8)).convert("RGB")
+    if img.mode == "F":  # floats in 0..1 (Pillow's conversion would truncate them to 0 and 1: black)
+        values = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0) * 255.0
+        return Image.fromarray(np.rint(values.clip(0, 255)).astype(np.uint8)).convert("RGB")
+    if img.mode not in CONVERTIBLE:
+        raise InputError(
+            f"{flag} {path}: images of mode {img.mode} are not supported; save it as 8-bit RGB, "
+            "grayscale or 16-bit grayscale"
+        )
+    if img.mode in ("RGBA", "RGBa", "LA", "La", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # transparent areas become white, as most editors show them, not black
+        rgba = img.convert("RGBA")
+        base = Image.new("RGB", img.size, (255, 255, 255))
+        base.paste(rgba, mask=rgba.split()[-1])
+        return base
+    return img.convert("RGB")
 
 
 def sha256(path: Path) -> str:

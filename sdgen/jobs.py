@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sdgen.specs import GenerationSpec
+from sdgen.specs import MAX_SEED, GenerationSpec
+
+SEED_RANGE = MAX_SEED + 1
 
 
 @dataclass(frozen=True)
@@ -51,4 +53,6 @@ def _seeds(spec: GenerationSpec, index: int, count: int) -> tuple[int, ...]:
     if spec.seed_mode == "reference":
         return (spec.seed,) * count
     base = 0 if spec.fixed_code and spec.upscale is None else index
-    return tuple(spec.seed + base + i for i in range(count))
+    # modulo 2**32: past 4294967295 the seeds go on from 0, so every PNG's Seed is one --seed accepts and
+    # makes that image again
+    return tuple((spec.seed + base + i) % SEED_RANGE for i in range(count))

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 from sdgen.errors import CheckpointError, ConfigError, DeviceError, InputError, OutputError, UsageError
 from sdgen.families.x4 import DEFAULT_NOISE_LEVEL, MAX_NOISE_LEVEL
+from sdgen.input_files import read_regular_file
 from sdgen.runtime.device import PRECISION_ALIASES, PRECISIONS, validate_device_name
 from sdgen.samplers import SAMPLER_NAMES, SAMPLERS
 
@@ -40,6 +41,10 @@ MAX_SEED = 2**32 - 1  # the reference's seed_everything range
 MAX_SIDE = 8192  # beyond this no card or CPU finishes; a typo, not a wish
 MAX_BATCH = 64
 MAX_STEPS = 10000
+MAX_ITER = 100_000  # --n_iter: checked before the plan is built
+MAX_REPEAT = 10_000  # --repeat: each prompt-file line at most this many times
+MAX_PLAN_PROMPTS = 1_000_000  # prompts in one run (file lines x --repeat)
+MAX_PROMPT_FILE = 16 << 20  # bytes of a --from-file (a few hundred thousand prompts)
 MIN_TILE = 32
 
 S = TypeVar("S", bound="_Spec")
@@ -159,8 +164,10 @@ class LoadSpec(_Spec):
                     f"--config {self.config}: a diffusers folder brings its own configs; --config is "
                     "for single-file checkpoints"
                 )
-            if not self.config.is_file():
+            if not self.config.exists():
                 raise ConfigError(f"--config {self.config}: no such file")
+            if not self.config.is_file():
+                raise ConfigError(f"--config {self.config}: not a regular file (a folder, pipe or device)")
 
 
 @dataclass(frozen=True)
@@ -234,8 +241,8 @@ class GenerationSpec(_Spec):
             raise UsageError(f"--ddim_eta {self.eta}: only the ddim sampler uses eta")
         if not 1 <= self.n_samples <= MAX_BATCH:
             raise UsageError(f"--n_samples {self.n_samples}: must be between 1 and {MAX_BATCH}")
-        if self.n_iter < 1:
-            raise UsageError(f"--n_iter {self.n_iter}: must be at least 1")
+        if not 1 <= self.n_iter <= MAX_ITER:
+            raise UsageError(f"--n_iter {self.n_iter}: must be between 1 and {MAX_ITER}")
         if not 0 <= self.seed <= MAX_SEED:
             raise UsageError(f"--seed {self.seed}: must be between 0 and {MAX_SEED} (or -1 for a random one)")
         if self.seed_mode not in SEED_MODES:
@@ -305,11 +312,7 @@ def _check_writable(outdir: Path) -> None:
 def read_prompt_file(path: Path) -> list[str]:
     """The non-blank lines of a UTF-8 prompt file (--from-file)."""
     try:
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise InputError(f"--from-file {path}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"--from-file {path}: is a folder, not a text file") from None
+        text = read_regular_file(path, "--from-file", MAX_PROMPT_FILE).decode("utf-8")
     except UnicodeDecodeError as e:
         raise InputError(f"--from-file {path}: not UTF-8 text (bad byte at offset {e.start})") from None
     except OSError as e:

@@ -20,6 +20,7 @@ import json
 import math
 import mmap
 import pickle
+import stat
 import struct
 import warnings
 import zipfile
@@ -286,7 +287,10 @@ def read_state_dict(path: Path) -> MappedStateDict:
     if path.is_dir():
         raise CheckpointError(f"--ckpt {path}: is a folder but not a diffusers model folder (no model_index.json)")
     try:
-        size = path.stat().st_size
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise CheckpointError(f"--ckpt {path}: not a regular file (a pipe, socket or device); give a file")
+        size = info.st_size
         fmt = sniff_format(path) if size else "empty"
     except OSError as e:
         raise CheckpointError(f"--ckpt {path}: cannot be read ({e.strerror})") from e

@@ -10,8 +10,9 @@ from typing import Any
 
 import yaml
 
-from sdgen.errors import ConfigError
+from sdgen.errors import ConfigError, InputError
 from sdgen.families import Family, detect
+from sdgen.input_files import read_regular_file
 
 
 @dataclass(frozen=True)
@@ -29,12 +30,15 @@ class Architecture:
         return self.config["model"]["params"]
 
 
+MAX_YAML_BYTES = 1 << 20  # the original inference yamls are 2-3 KB
+
+
 def load_yaml(path: Path) -> dict[str, Any]:
     """Parse an original LDM inference yaml given with --config; check the parts sdgen reads."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"--config {path}: no such file") from None
+        text = read_regular_file(path, "--config", MAX_YAML_BYTES).decode("utf-8")
+    except InputError as e:
+        raise ConfigError(str(e)) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"--config {path}: cannot be read ({e})") from None
     try:
