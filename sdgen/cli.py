@@ -9,6 +9,7 @@ Exit codes: 0 done; 1 a problem with a file, the device or the disk; 2 a bad opt
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import traceback
@@ -58,6 +59,7 @@ class PrintingSink:
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
         self.written: list[Path] = []
+        self.stdout_closed = False
         self.bar: Any = None
         self._n = 0
 
@@ -67,7 +69,14 @@ class PrintingSink:
                 self.bar.update(event.batch * event.n + event.i - self.bar.n)
         elif isinstance(event, Saved):
             self.written.append(event.path)
-            self._write(str(event.path), sys.stdout)
+            if not self.stdout_closed:
+                try:
+                    self._write(str(event.path), sys.stdout)
+                    sys.stdout.flush()
+                except BrokenPipeError:
+                    # the reader went away (`sdgen ... | head -1`): keep making and saving the images, quietly
+                    self.stdout_closed = True
+                    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the interpreter's final flush)
         elif isinstance(event, Notice):
             if not (self.quiet and event.informational):
                 self._write(event.message, sys.stderr)
@@ -400,13 +409,22 @@ def _generation_spec(o: dict, mode: str, **parts: Any) -> GenerationSpec:
     )
 
 
+def _precision(o: dict) -> str:
+    """--bf16 is --precision bf16; with another --precision it is a contradiction, not a silent choice."""
+    if not o["bf16"]:
+        return o["precision"]
+    if o["precision"] not in ("auto", "autocast", "bf16"):
+        raise click.UsageError(f"--bf16 and --precision {o['precision']} contradict each other: give one")
+    return "bf16"
+
+
 def _load_spec(o: dict) -> LoadSpec:
     return LoadSpec(
         ckpt=o["ckpt"],
         config=o["config"],
         v_prediction=o["v_prediction"],
         device=o["device"],
-        precision="bf16" if o["bf16"] else o["precision"],
+        precision=_precision(o),
         low_vram=o["low_vram"],
         compile=o.get("compile_models", False),
     )

@@ -249,6 +249,15 @@ class GenerationSpec(_Spec):
             raise UsageError(f"--seed-mode {self.seed_mode!r}: expected one of {', '.join(SEED_MODES)}")
         if not self.prompts:
             raise UsageError("no prompt: give one as an argument, with --prompt, or with --from-file")
+        for i, prompt in enumerate((*self.prompts, self.negative_prompt)):
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:  # lone surrogates: bytes that were not UTF-8 in the shell's argv
+                which = "the negative prompt" if i == len(self.prompts) else f"prompt {i + 1}"
+                raise UsageError(
+                    f"{which} is not valid UTF-8 text (a stray byte at character {e.start}); "
+                    "check the terminal's encoding"
+                ) from None
 
     def _check_mode(self) -> None:
         """The typed part that the mode needs, present and readable; no part of another mode."""

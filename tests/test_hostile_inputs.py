@@ -160,3 +160,36 @@ def test_a_fifo_as_checkpoint_or_config_is_refused_without_blocking(sdgen, tiny,
     run = sdgen("txt2img", "x", "--ckpt", tiny["sd1.safetensors"], "--config", fifo, *SMALL, "--outdir", tmp_path)
     assert_one_line_error(run, 1, "--config", "not a regular file")
     assert no_outputs(tmp_path)
+
+
+# ---- edges of options and output -------------------------------------------------------------------------
+
+
+def test_a_prompt_that_is_not_utf8_is_a_usage_error(sdgen, tiny, tmp_path):
+    run = sdgen("txt2img", "caf\udce9", "--ckpt", tiny["sd1.safetensors"], *SMALL, "--outdir", tmp_path)
+    assert_one_line_error(run, 2, "prompt 1 is not valid UTF-8 text")
+    assert no_outputs(tmp_path)
+
+
+def test_bf16_and_another_precision_contradict(sdgen, tiny, tmp_path):
+    run = sdgen("txt2img", "x", "--ckpt", tiny["sd1.safetensors"], *SMALL, "--precision", "fp32", "--bf16")
+    assert run.code == 2 and "--bf16 and --precision fp32 contradict" in run.stderr, run
+
+
+def test_stdout_closed_early_ends_quietly_with_every_image_kept(tiny, tmp_path):
+    import subprocess
+    import sys
+
+    args = ["txt2img", "x", "--ckpt", str(tiny["sd1.safetensors"]), *SMALL, "--n_iter", "3", "--skip_grid"]
+    code = (
+        f"import sys\nfrom sdgen.cli import main\nsys.argv = ['sdgen'] + {args + ['--outdir', str(tmp_path)]!r}\nmain()"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    first = proc.stdout.readline()  # `| head -1`
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert first.strip().endswith(b"00000.png")
+    assert "Traceback" not in err and "Error" not in err and "Exception" not in err, err
+    assert len(list((tmp_path / "samples").glob("*.png"))) == 3
