@@ -193,3 +193,37 @@ def test_stdout_closed_early_ends_quietly_with_every_image_kept(tiny, tmp_path):
     assert first.strip().endswith(b"00000.png")
     assert "Traceback" not in err and "Error" not in err and "Exception" not in err, err
     assert len(list((tmp_path / "samples").glob("*.png"))) == 3
+
+
+# ---- yaml values of the wrong type, shape or size ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("section", "name", "value", "needle"),
+    [
+        ("unet", "model_channels", "abc", "model_channels is 'abc'; it must be an integer from 32 to 4096"),
+        ("unet", "channel_mult", [], "channel_mult is []; it must be a list of 1 to 8 integers"),
+        ("unet", "channel_mult", [[1, 2]], "channel_mult is [[1, 2]]"),
+        ("unet", "num_res_blocks", 1000000000, "num_res_blocks is 1000000000"),
+        ("unet", "transformer_depth", [1, 1, 1], "transformer_depth has 3 entries; channel_mult has 2"),
+        ("vae", "ch_mult", "1,2", "ddconfig.ch_mult is '1,2'"),
+        ("model", "timesteps", 0, "timesteps is 0; it must be an integer from 1 to 100000"),
+        ("model", "scale_factor", 0, "scale_factor is 0; it must be a number"),
+    ],
+)
+def test_bad_yaml_values_name_the_field_and_what_is_allowed(sdgen, tiny, tmp_path, section, name, value, needle):
+    import yaml
+
+    config = yaml.safe_load(tiny["sd1.yaml"].read_text())
+    params = config["model"]["params"]
+    target = {
+        "model": params,
+        "unet": params["unet_config"]["params"],
+        "vae": params["first_stage_config"]["params"]["ddconfig"],
+    }[section]
+    target[name] = value
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    run = sdgen("txt2img", "x", "--ckpt", tiny["sd1.safetensors"], "--config", bad, *SMALL, "--outdir", tmp_path)
+    assert_one_line_error(run, 1, "--config", needle)
+    assert no_outputs(tmp_path)

@@ -60,14 +60,107 @@ def shipped_config(family: Family, v_prediction: bool) -> tuple[dict[str, Any], 
 def _check_schema(config: Any, source: str) -> None:
     try:
         params = config["model"]["params"]
-        params["unet_config"]["params"]["model_channels"]
-        params["first_stage_config"]["params"]["ddconfig"]["ch_mult"]
+        unet = params["unet_config"]["params"]
+        unet["model_channels"]
+        first = params["first_stage_config"]["params"]
+        first["ddconfig"]["ch_mult"]
         params["cond_stage_config"]["target"]
     except (KeyError, TypeError):
         raise ConfigError(
             f"{source}: not an original LDM inference config (needs model.params.unet_config, "
             "first_stage_config and cond_stage_config, as in v1-inference.yaml)"
         ) from None
+    _check_values(params, "model.params", MODEL_FIELDS, source)
+    _check_values(unet, "model.params.unet_config.params", UNET_FIELDS, source)
+    _check_values(first, "model.params.first_stage_config.params", {"embed_dim": CHANNELS}, source)
+    _check_values(first["ddconfig"], "model.params.first_stage_config.params.ddconfig", VAE_FIELDS, source)
+    levels = len(unet["channel_mult"])
+    for name in ("transformer_depth", "disable_self_attentions"):
+        value = unet.get(name)
+        if isinstance(value, list) and len(value) != levels:
+            raise ConfigError(f"{source}: unet_config {name} has {len(value)} entries; channel_mult has {levels}")
+
+
+# What sdgen reads from a yaml, with the bounds that keep a typo from allocating gigabytes: (kind, low, high).
+# kind: int, float, bool, ints (a non-empty list of ints), ints? (a list, may be empty), int|ints, bools.
+Bound = tuple[str, float, float]
+CHANNELS: Bound = ("int", 1, 64)
+MODEL_FIELDS: dict[str, Bound] = {
+    "timesteps": ("int", 1, 100_000),
+    "linear_start": ("float", 1e-8, 0.999),
+    "linear_end": ("float", 1e-8, 0.999),
+    "scale_factor": ("float", 1e-6, 1e3),
+}
+UNET_FIELDS: dict[str, Bound] = {
+    "model_channels": ("int", 32, 4096),
+    "channel_mult": ("ints", 1, 16),
+    "num_res_blocks": ("int", 1, 16),
+    "attention_resolutions": ("ints?", 1, 64),
+    "transformer_depth": ("int|ints", 1, 64),
+    "context_dim": ("int", 1, 16384),
+    "in_channels": CHANNELS,
+    "out_channels": CHANNELS,
+    "num_heads": ("int", -1, 256),
+    "num_head_channels": ("int", -1, 1024),
+    "num_classes": ("int", 1, 100_000),
+    "image_size": ("int", 1, 4096),
+    "disable_self_attentions": ("bools", 0, 0),
+}
+VAE_FIELDS: dict[str, Bound] = {
+    "ch": ("int", 32, 1024),
+    "ch_mult": ("ints", 1, 16),
+    "num_res_blocks": ("int", 1, 16),
+    "z_channels": CHANNELS,
+    "in_channels": CHANNELS,
+    "out_ch": CHANNELS,
+    "resolution": ("int", 1, 65536),
+    "attn_resolutions": ("ints?", 1, 65536),
+    "double_z": ("bool", 0, 0),
+}
+MAX_LEVELS = 8
+
+
+def _check_values(section: Any, where: str, fields: dict[str, Bound], source: str) -> None:
+    if not isinstance(section, dict):
+        raise ConfigError(f"{source}: {where} must be a mapping, not {type(section).__name__}")
+    for name, (kind, low, high) in fields.items():
+        if name not in section or section[name] is None:
+            continue
+        value = section[name]
+        if not _fits(value, kind, low, high):
+            allowed = {
+                "int": f"an integer from {low:g} to {high:g}",
+                "float": f"a number from {low:g} to {high:g}",
+                "bool": "true or false",
+                "ints": f"a list of 1 to {MAX_LEVELS} integers from {low:g} to {high:g}",
+                "ints?": f"a list of integers from {low:g} to {high:g}",
+                "int|ints": f"an integer from {low:g} to {high:g}, or a list of them",
+                "bools": "a list of true/false",
+            }[kind]
+            raise ConfigError(f"{source}: {where}.{name} is {value!r:.60}; it must be {allowed}")
+
+
+def _fits(value: Any, kind: str, low: float, high: float) -> bool:
+    def integer(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+    if kind == "int":
+        return integer(value)
+    if kind == "float":
+        return isinstance(value, int | float) and not isinstance(value, bool) and low <= value <= high
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "bools":
+        return isinstance(value, list) and len(value) <= MAX_LEVELS and all(isinstance(v, bool) for v in value)
+    if kind == "int|ints" and integer(value):
+        return True
+    empty_ok = kind == "ints?"
+    return (
+        isinstance(value, list)
+        and (empty_ok or 1 <= len(value) <= MAX_LEVELS)
+        and len(value) <= 64
+        and all(integer(v) for v in value)
+    )
 
 
 def resolve(
