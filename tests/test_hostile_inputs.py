@@ -227,3 +227,16 @@ def test_bad_yaml_values_name_the_field_and_what_is_allowed(sdgen, tiny, tmp_pat
     run = sdgen("txt2img", "x", "--ckpt", tiny["sd1.safetensors"], "--config", bad, *SMALL, "--outdir", tmp_path)
     assert_one_line_error(run, 1, "--config", needle)
     assert no_outputs(tmp_path)
+
+
+def test_a_protocol_4_checkpoint_is_not_called_hostile(sdgen, tiny, tmp_path):
+    """torch's weights-only loader cannot read pickle protocol 4 (FRAME, STACK_GLOBAL): say so, not 'unsafe'."""
+    import torch
+
+    from sdgen.checkpoints.files import read_state_dict
+
+    ckpt = tmp_path / "p4.ckpt"
+    torch.save({"state_dict": dict(read_state_dict(tiny["sd1.safetensors"]))}, ckpt, pickle_protocol=4)
+    run = sdgen("txt2img", "x", "--ckpt", ckpt, *SMALL, "--outdir", tmp_path / "o")
+    assert_one_line_error(run, 1, "pickle protocol 4 or later", "pickle_protocol=2")
+    assert "refused" not in run.stderr

@@ -20,6 +20,7 @@ import json
 import math
 import mmap
 import pickle
+import re
 import stat
 import struct
 import warnings
@@ -225,14 +226,25 @@ def _read_safetensors(path: Path) -> MappedStateDict:
     return MappedStateDict(tensors, [(start, start + size)], [data, mapping])
 
 
+FIRST_PROTOCOL_4_OPCODE = 0x8C  # SHORT_BINUNICODE; then BINUNICODE8, ..., STACK_GLOBAL, MEMOIZE, FRAME (0x95)
+
+
 def _read_pickle(path: Path) -> Any:
     import torch
 
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
+        with torch.serialization.safe_globals(_safe_globals()), warnings.catch_warnings():
+            # torch's note on a newer pickle protocol: the error below says what matters, in one line
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True, mmap=_mappable(path))
     except pickle.UnpicklingError as e:
         message = str(e)
+        operand = re.search(r"Unsupported operand (\d+)", message)
+        if operand and int(operand.group(1)) >= FIRST_PROTOCOL_4_OPCODE:
+            raise CheckpointError(
+                f"{path}: saved with pickle protocol 4 or later, which torch's safe loader cannot read (nothing "
+                "from it was run); use a .safetensors copy, or re-save it with torch.save(..., pickle_protocol=2)"
+            ) from e
         if "global" in message.lower() or "unsupported operand" in message.lower():
             what = _unsafe_name(message)
             raise UnsafeCheckpointError(
