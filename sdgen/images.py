@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import stat
 import warnings
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from sdgen.checkpoints.hashing import file_sha256
 from sdgen.errors import InputError
+from sdgen.input_files import require_regular_file
 
 Image.MAX_IMAGE_PIXELS = 16384 * 16384  # a decompression bomb beyond this is refused by Pillow
 
@@ -27,8 +27,7 @@ def load_rgb(path: Path, flag: str) -> Image.Image:
         raise InputError(f"{flag} {path}: no such file")
     if path.is_dir():
         raise InputError(f"{flag} {path}: is a folder, not an image")
-    if not stat.S_ISREG(path.stat().st_mode):
-        raise InputError(f"{flag} {path}: not a regular file (a pipe, socket or device); give an image file")
+    require_regular_file(path, flag)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from sdgen.errors import CheckpointError, ConfigError, DeviceError, InputError, OutputError, UsageError
 from sdgen.families.x4 import DEFAULT_NOISE_LEVEL, MAX_NOISE_LEVEL
-from sdgen.input_files import read_regular_file
+from sdgen.input_files import read_regular_file, require_regular_file
 from sdgen.runtime.device import PRECISION_ALIASES, PRECISIONS, validate_device_name
 from sdgen.samplers import SAMPLER_NAMES, SAMPLERS
 
@@ -164,10 +164,7 @@ class LoadSpec(_Spec):
                     f"--config {self.config}: a diffusers folder brings its own configs; --config is "
                     "for single-file checkpoints"
                 )
-            if not self.config.exists():
-                raise ConfigError(f"--config {self.config}: no such file")
-            if not self.config.is_file():
-                raise ConfigError(f"--config {self.config}: not a regular file (a folder, pipe or device)")
+            require_regular_file(self.config, "--config", ConfigError)
 
 
 @dataclass(frozen=True)

@@ -40,8 +40,8 @@ def _byte_table() -> dict[int, str]:
 def _byte_alphabet() -> list[str]:
     """The byte characters in vocabulary order: printable bytes first, then the remapped ones (as CLIP's
     vocab.json)."""
-    printable = [b for b, c in _byte_table().items() if c == chr(b)]
     table = _byte_table()
+    printable = [b for b, c in table.items() if c == chr(b)]
     return [table[b] for b in printable] + [table[b] for b in range(256) if b not in printable]
 
 

@@ -15,21 +15,20 @@ Anything else (``os.system``, ``eval``, an unknown module) stops the load before
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import json
 import math
 import mmap
 import pickle
 import re
-import stat
 import struct
 import warnings
 import zipfile
-from functools import cache as functools_cache
 from pathlib import Path
 from typing import Any
 
 from sdgen.errors import CheckpointError, UnsafeCheckpointError
+from sdgen.input_files import require_regular_file
+from sdgen.runtime.device import libc
 
 SAFETENSORS_DTYPE_SIZES = {
     "BOOL": 1,
@@ -177,20 +176,12 @@ class MappedStateDict(dict):
             _madvise_dontneed(first, last - first)
 
 
-@functools_cache
-def _libc() -> Any:
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:
-        return None
-
-
 def _madvise_dontneed(address: int, length: int) -> None:
-    libc = _libc()
-    if libc is None or not hasattr(libc, "madvise"):
+    c = libc()
+    if c is None or not hasattr(c, "madvise"):
         return  # not glibc-like: the pages stay resident until the mapping goes (more memory, same pixels)
     madv_dontneed = 4  # the same value on Linux and the BSDs
-    libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), madv_dontneed)
+    c.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), madv_dontneed)
 
 
 def _read_safetensors(path: Path) -> MappedStateDict:
@@ -299,10 +290,7 @@ def read_state_dict(path: Path) -> MappedStateDict:
     if path.is_dir():
         raise CheckpointError(f"--ckpt {path}: is a folder but not a diffusers model folder (no model_index.json)")
     try:
-        info = path.stat()
-        if not stat.S_ISREG(info.st_mode):
-            raise CheckpointError(f"--ckpt {path}: not a regular file (a pipe, socket or device); give a file")
-        size = info.st_size
+        size = require_regular_file(path, "--ckpt", CheckpointError).st_size
         fmt = sniff_format(path) if size else "empty"
     except OSError as e:
         raise CheckpointError(f"--ckpt {path}: cannot be read ({e.strerror})") from e

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from sdgen.errors import ConfigError, InputError
+from sdgen.errors import ConfigError
 from sdgen.families import Family, detect
 from sdgen.input_files import read_regular_file
 
@@ -36,9 +36,7 @@ MAX_YAML_BYTES = 1 << 20  # the original inference yamls are 2-3 KB
 def load_yaml(path: Path) -> dict[str, Any]:
     """Parse an original LDM inference yaml given with --config; check the parts sdgen reads."""
     try:
-        text = read_regular_file(path, "--config", MAX_YAML_BYTES).decode("utf-8")
-    except InputError as e:
-        raise ConfigError(str(e)) from None
+        text = read_regular_file(path, "--config", MAX_YAML_BYTES, ConfigError).decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"--config {path}: cannot be read ({e})") from None
     try:

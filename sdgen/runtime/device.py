@@ -8,6 +8,7 @@ allowed when asked for. A device asked for by name that is absent is an error, n
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -44,28 +45,34 @@ class Placement:
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 TUNED_MMAP_THRESHOLD = 1 << 30
 LARGE_BUFFER = 32 << 20  # glibc's own largest mmap threshold: larger blocks are mapped, and unmapped when freed
-_tuned_libc: Any = None  # the libc whose allocator tune_cpu_allocator changed
+_tuned = False  # whether tune_cpu_allocator changed glibc's allocator
+
+
+@functools.cache
+def libc() -> Any:
+    """The C library through ctypes (glibc's malloc tuning, madvise), or None where it cannot be loaded."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
 
 
 def tune_cpu_allocator() -> None:
     """Keep freed activation buffers in glibc's heap instead of returning them to the OS: the UNet's
     32 MiB-class activations otherwise cross the mmap threshold and are page-faulted in again on every call
     (measured: 18% of CPU time in the kernel during a tiled upscale). Numerics are unchanged."""
-    global _tuned_libc
-    import ctypes
-    import ctypes.util
+    global _tuned
     import sys
 
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt, libc.malloc_trim  # noqa: B018 (glibc has both)
-    except (OSError, AttributeError):
+    c = libc()
+    if not sys.platform.startswith("linux") or not (hasattr(c, "mallopt") and hasattr(c, "malloc_trim")):
         return  # not glibc (e.g. musl): nothing to tune
-    libc.mallopt(M_MMAP_THRESHOLD, TUNED_MMAP_THRESHOLD)
-    libc.mallopt(M_TRIM_THRESHOLD, TUNED_MMAP_THRESHOLD)
-    _tuned_libc = libc
+    c.mallopt(M_MMAP_THRESHOLD, TUNED_MMAP_THRESHOLD)
+    c.mallopt(M_TRIM_THRESHOLD, TUNED_MMAP_THRESHOLD)
+    _tuned = True
 
 
 @contextlib.contextmanager
@@ -74,16 +81,16 @@ def large_buffers_returned() -> Iterator[None]:
     free memory back first, and map blocks over 32 MiB separately so that each goes back to the OS when freed.
     With the tuned allocator the decode's large blocks pile up in the heap instead (measured on the 2-core
     EPYC, SD 1.5 fp32 512 px decode: +1.26 GiB peak against +0.79 GiB, for 1 s more of page faults)."""
-    libc = _tuned_libc
-    if libc is None:
+    if not _tuned:
         yield
         return
-    libc.malloc_trim(0)
-    libc.mallopt(M_MMAP_THRESHOLD, LARGE_BUFFER)
+    c = libc()
+    c.malloc_trim(0)
+    c.mallopt(M_MMAP_THRESHOLD, LARGE_BUFFER)
     try:
         yield
     finally:
-        libc.mallopt(M_MMAP_THRESHOLD, TUNED_MMAP_THRESHOLD)
+        c.mallopt(M_MMAP_THRESHOLD, TUNED_MMAP_THRESHOLD)
 
 
 def validate_device_name(name: str) -> str:
